@@ -1,0 +1,43 @@
+"""outbox: a transactional outbox on PostgreSQL.
+
+Enqueue a message in the same transaction as the writes it belongs to; a relay delivers it after
+the commit, with retries, and never for a transaction that rolled back.
+"""
+
+from __future__ import annotations
+
+from outbox.enqueue import enqueue
+from outbox.errors import (
+    AmbiguousSendError,
+    ConfigError,
+    OutboxError,
+    PermanentSendError,
+    SendError,
+    TransientSendError,
+    UnknownTopicError,
+)
+from outbox.message import EmailPayload, OutboxMessage, Status
+from outbox.registry import HandlerRegistry, default_registry, handler
+from outbox.relay import BatchResult, Relay, RelayConfig
+from outbox.settings import Settings
+
+__all__ = [
+    "AmbiguousSendError",
+    "BatchResult",
+    "ConfigError",
+    "EmailPayload",
+    "HandlerRegistry",
+    "OutboxError",
+    "OutboxMessage",
+    "PermanentSendError",
+    "Relay",
+    "RelayConfig",
+    "SendError",
+    "Settings",
+    "Status",
+    "TransientSendError",
+    "UnknownTopicError",
+    "default_registry",
+    "enqueue",
+    "handler",
+]

@@ -1,0 +1,110 @@
+"""A capture SMTP server (aiosmtpd): keeps every mail it accepts in memory.
+
+``outbox dev`` uses it when ``SMTP_URL`` is unset (the mails show at /dev/mail) and the tests use
+it as the real SMTP server on 127.0.0.1. ``reply`` makes it answer DATA with a chosen code (451,
+550, ...) to exercise the retry and dead paths.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import socket
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from typing import Any
+
+from aiosmtpd.controller import Controller
+
+
+@dataclass(frozen=True)
+class CapturedMail:
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    raw: bytes
+    received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def message(self) -> EmailMessage:
+        parsed = email.message_from_bytes(self.raw, policy=email.policy.default)
+        assert isinstance(parsed, EmailMessage)
+        return parsed
+
+    @property
+    def message_id(self) -> str:
+        return str(self.message["Message-ID"])
+
+
+class _Handler:
+    def __init__(self, server: CaptureServer) -> None:
+        self._server = server
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        return self._server._accept(envelope)
+
+
+class CaptureServer:
+    """Start with ``start()`` (or as a context manager); mails are in ``.mails``."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, limit: int = 1000) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.limit = limit
+        self.reply: str | None = None
+        self.data_attempts = 0
+        self._mails: list[CapturedMail] = []
+        self._lock = threading.Lock()
+        self._controller = Controller(
+            _Handler(self),
+            hostname=host,
+            port=self.port,
+            server_kwargs={"data_size_limit": 10 * 1024 * 1024},
+        )
+
+    @property
+    def url(self) -> str:
+        return f"smtp://{self.host}:{self.port}"
+
+    def _accept(self, envelope: Any) -> str:
+        with self._lock:
+            self.data_attempts += 1
+            if self.reply is not None:
+                return self.reply
+            content = envelope.original_content or envelope.content
+            raw = content if isinstance(content, bytes) else str(content).encode()
+            self._mails.append(CapturedMail(envelope.mail_from, tuple(envelope.rcpt_tos), raw))
+            if self.limit and len(self._mails) > self.limit:
+                del self._mails[: -self.limit]
+            return f"250 2.0.0 Ok: queued as {self.data_attempts:X}"
+
+    @property
+    def mails(self) -> list[CapturedMail]:
+        with self._lock:
+            return list(self._mails)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._mails.clear()
+
+    def start(self) -> CaptureServer:
+        self._controller.start()
+        return self
+
+    def stop(self) -> None:
+        self._controller.stop()
+
+    def __enter__(self) -> CaptureServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port

@@ -1,0 +1,40 @@
+"""Engines for the relay, the web app and the CLI, configured the same way everywhere."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from outbox.listener import KEEPALIVE_ARGS
+from outbox.settings import libpq_url, normalise_database_url
+
+
+def create_engine(
+    database_url: str,
+    *,
+    application_name: str,
+    idle_in_transaction_timeout: float | None = None,
+    pool_size: int = 5,
+) -> AsyncEngine:
+    """An async engine on psycopg 3 with TCP keepalives and, for relays, a bound on idle
+    transactions, so a vanished or frozen client releases its row locks (see RelayConfig)."""
+    options = []
+    if idle_in_transaction_timeout is not None:
+        ms = int(idle_in_transaction_timeout * 1000)
+        options.append(f"-c idle_in_transaction_session_timeout={ms}")
+    connect_args: dict[str, Any] = {"application_name": application_name, **KEEPALIVE_ARGS}
+    if options:
+        connect_args["options"] = " ".join(options)
+    return create_async_engine(
+        normalise_database_url(database_url),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        connect_args=connect_args,
+    )
+
+
+def engine_libpq_url(engine: AsyncEngine) -> str:
+    """The engine's URL for a plain psycopg connection (the LISTEN connection)."""
+    return libpq_url(engine.url.render_as_string(hide_password=False))

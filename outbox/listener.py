@@ -1,0 +1,83 @@
+"""Wake the relay on NOTIFY, from a dedicated autocommit connection that heals itself.
+
+A notification is only a hint to look now: the relay polls anyway, so a dropped LISTEN connection
+slows wake-ups down to the poll interval but loses nothing. When the connection drops the listener
+says so (log + ``connected`` flag), keeps retrying with backoff, and wakes the relay once it is
+back, since notifications sent meanwhile were missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+
+import psycopg
+
+from outbox.schema import NOTIFY_CHANNEL
+
+logger = logging.getLogger(__name__)
+
+KEEPALIVE_ARGS: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
+
+
+class Listener:
+    def __init__(
+        self,
+        dsn: str,
+        wake: asyncio.Event,
+        *,
+        channel: str = NOTIFY_CHANNEL,
+        on_state: Callable[[bool], None] | None = None,
+        max_backoff: float = 10.0,
+    ) -> None:
+        if not channel.isidentifier():
+            raise ValueError(f"channel must be an identifier, not {channel!r}")
+        self._dsn = dsn
+        self._wake = wake
+        self._channel = channel
+        self._on_state = on_state
+        self._max_backoff = max_backoff
+        self.connected = False
+        self.ready = asyncio.Event()
+
+    def _set_state(self, connected: bool) -> None:
+        if connected != self.connected:
+            self.connected = connected
+            if self._on_state is not None:
+                self._on_state(connected)
+
+    async def run(self) -> None:
+        """Listen until cancelled."""
+        failures = 0
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self._dsn, autocommit=True, application_name="outbox-listen", **KEEPALIVE_ARGS
+                ) as conn:
+                    await conn.execute(f"LISTEN {self._channel}")  # validated identifier
+                    if failures:
+                        logger.info("listen connection restored", extra={"action": "listen_up"})
+                    failures = 0
+                    self._set_state(True)
+                    self.ready.set()
+                    self._wake.set()  # anything sent while we were not listening
+                    async for _ in conn.notifies():
+                        self._wake.set()
+            except (psycopg.Error, OSError) as exc:
+                failures += 1
+                self._set_state(False)
+                delay = min(self._max_backoff, 0.2 * 2**failures) * random.uniform(0.5, 1.0)
+                logger.warning(
+                    "listen connection lost (%s); polling until it is back, retry in %.1fs",
+                    exc,
+                    delay,
+                    extra={"action": "listen_down"},
+                )
+                await asyncio.sleep(delay)

@@ -1,0 +1,61 @@
+"""What became of one message: Sent, Retry or Dead, and the single place that decides which."""
+
+from __future__ import annotations
+
+import random
+import traceback
+from dataclasses import dataclass
+
+from outbox.backoff import next_delay
+from outbox.errors import PermanentSendError
+
+LAST_ERROR_MAX = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    result: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    delay: float
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Dead:
+    error: str
+
+
+Outcome = Sent | Retry | Dead
+
+
+def describe(exc: BaseException) -> str:
+    """The last line a traceback would print ("ValueError: bad"), bounded for the column."""
+    line = traceback.format_exception_only(type(exc), exc)[-1].strip()
+    if isinstance(exc, TimeoutError) and not str(exc):
+        line = "TimeoutError: the send did not finish within the timeout"
+    return line[:LAST_ERROR_MAX]
+
+
+def classify(
+    exc: BaseException,
+    *,
+    attempts: int,
+    max_attempts: int,
+    backoff_base: float,
+    backoff_cap: float,
+    rng: random.Random,
+) -> Retry | Dead:
+    """Decide after a failed attempt. ``attempts`` is the count *including* this failure.
+
+    Permanent errors (SMTP 5xx, unknown topic, a mail that cannot be built) are dead at once.
+    Everything else, including an unexpected exception from a handler, is retried: a bug that is
+    fixed and deployed should not have cost the messages that met it. Once ``max_attempts`` is
+    reached the message is dead with the last error.
+    """
+    error = describe(exc)
+    if isinstance(exc, PermanentSendError) or attempts >= max_attempts:
+        return Dead(error)
+    return Retry(next_delay(attempts, base=backoff_base, cap=backoff_cap, rng=rng), error)

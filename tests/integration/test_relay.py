@@ -1,0 +1,226 @@
+"""The relay against a real PostgreSQL and a real SMTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from outbox import HandlerRegistry, Relay, RelayConfig, enqueue
+from outbox.capture import CaptureServer
+from outbox.mail import SmtpSender
+from outbox.settings import SmtpConfig
+
+MAIL_FROM = "noreply@example.test"
+
+
+def email_registry(smtp: CaptureServer, *, timeout: float = 5.0) -> HandlerRegistry:
+    registry = HandlerRegistry()
+    sender = SmtpSender(SmtpConfig.from_url(smtp.url), mail_from=MAIL_FROM, timeout=timeout)
+    registry.register("email", sender)
+    return registry
+
+
+def payload(n: int = 0) -> dict[str, object]:
+    return {"to": f"user{n}@example.test", "subject": f"Hello {n}", "text": f"Body {n}"}
+
+
+async def enqueue_committed(engine: AsyncEngine, count: int) -> None:
+    async with engine.begin() as conn:
+        for n in range(count):
+            await enqueue(conn, topic="email", payload=payload(n))
+
+
+async def row(engine: AsyncEngine, sql: str) -> dict[str, object]:
+    async with engine.connect() as conn:
+        return dict((await conn.execute(text(sql))).mappings().one())
+
+
+class Clock:
+    """A settable clock: tests move time instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2030, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+async def test_relay_commit_delivers_exactly_one_mail_with_headers(
+    engine: AsyncEngine, smtp_server: CaptureServer
+) -> None:
+    async with engine.begin() as conn:
+        message_id = await enqueue(
+            conn,
+            topic="email",
+            payload={"to": "ann@example.test", "subject": "Welcome", "text": "Hi Ann"},
+        )
+    relay = Relay(engine, email_registry(smtp_server))
+
+    result = await relay.drain()
+
+    assert (result.claimed, result.sent) == (1, 1)
+    [mail] = smtp_server.mails
+    msg = mail.message
+    assert msg["To"] == "ann@example.test"
+    assert msg["From"] == MAIL_FROM
+    assert msg["Subject"] == "Welcome"
+    assert msg["Message-ID"] == f"<{message_id}@example.test>"
+    assert msg.get_content().strip() == "Hi Ann"
+    assert mail.rcpt_tos == ("ann@example.test",)
+    stored = await row(engine, "SELECT sent_at, attempts, result FROM outbox")
+    assert stored["sent_at"] is not None
+    assert stored["attempts"] == 1
+    assert str(stored["result"]).startswith("250 ")
+
+
+async def test_relay_rollback_sends_nothing(
+    engine: AsyncEngine, smtp_server: CaptureServer
+) -> None:
+    async with engine.connect() as conn:
+        await conn.begin()
+        await enqueue(conn, topic="email", payload=payload())
+        await conn.rollback()
+
+    result = await Relay(engine, email_registry(smtp_server)).drain()
+
+    assert result.claimed == 0
+    assert smtp_server.mails == []
+    assert (await row(engine, "SELECT count(*) AS n FROM outbox"))["n"] == 0
+
+
+async def test_relay_row_inserted_by_sql_uses_column_defaults(
+    engine: AsyncEngine, smtp_server: CaptureServer
+) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("INSERT INTO outbox (topic, payload) VALUES ('email', CAST(:p AS jsonb))"),
+            {"p": '{"to": "sql@example.test", "subject": "S", "text": "T"}'},
+        )
+    await Relay(engine, email_registry(smtp_server)).drain()
+
+    stored = await row(engine, "SELECT message_id FROM outbox")
+    [mail] = smtp_server.mails
+    assert mail.message["Message-ID"] == f"<{stored['message_id']}@example.test>"
+
+
+async def test_relay_451_is_retried_later_with_backoff(
+    engine: AsyncEngine, smtp_server: CaptureServer
+) -> None:
+    await enqueue_committed(engine, 1)
+    clock = Clock()
+    relay = Relay(engine, email_registry(smtp_server), clock=clock, rng=random.Random(1))
+    smtp_server.reply = "451 4.3.0 Try again later"
+
+    first = await relay.drain()
+
+    assert (first.claimed, first.retried) == (1, 1)
+    stored = await row(
+        engine,
+        "SELECT attempts, last_error, available_at, dead_at, sent_at FROM outbox",
+    )
+    assert stored["attempts"] == 1
+    assert "451" in str(stored["last_error"])
+    assert stored["dead_at"] is None and stored["sent_at"] is None
+    delay = (stored["available_at"] - clock.now).total_seconds()  # type: ignore[operator]
+    assert 1.0 <= delay <= 2.0  # first step: base 2 s with equal jitter
+
+    # Not due yet: nothing happens.
+    assert (await relay.drain()).claimed == 0
+    # Once due and the server is healthy, it goes out.
+    smtp_server.reply = None
+    clock.advance(delay)
+    second = await relay.drain()
+    assert second.sent == 1
+    assert len(smtp_server.mails) == 1
+
+
+async def test_relay_550_is_dead_at_once(engine: AsyncEngine, smtp_server: CaptureServer) -> None:
+    await enqueue_committed(engine, 1)
+    smtp_server.reply = "550 5.1.1 No such user"
+
+    result = await Relay(engine, email_registry(smtp_server)).drain()
+
+    assert result.dead == 1
+    stored = await row(engine, "SELECT attempts, last_error, dead_at FROM outbox")
+    assert stored["attempts"] == 1
+    assert stored["dead_at"] is not None
+    assert "550" in str(stored["last_error"])
+
+
+async def test_relay_exhausted_attempts_are_dead_with_last_error(
+    engine: AsyncEngine, smtp_server: CaptureServer
+) -> None:
+    await enqueue_committed(engine, 1)
+    smtp_server.reply = "421 4.7.0 Service not available"
+    clock = Clock()
+    config = RelayConfig(max_attempts=3, backoff_base=1, backoff_cap=10)
+    relay = Relay(engine, email_registry(smtp_server), config, clock=clock)
+
+    outcomes = []
+    for _ in range(3):
+        result = await relay.drain()
+        outcomes.append((result.retried, result.dead))
+        clock.advance(60)
+
+    assert outcomes == [(1, 0), (1, 0), (0, 1)]
+    stored = await row(engine, "SELECT attempts, last_error, dead_at FROM outbox")
+    assert stored["attempts"] == 3
+    assert stored["dead_at"] is not None
+    assert "421" in str(stored["last_error"])
+    assert smtp_server.data_attempts == 3
+
+
+async def test_relay_message_id_is_stable_across_retries(
+    engine: AsyncEngine, smtp_server: CaptureServer
+) -> None:
+    """The same row must carry the same Message-ID on every attempt, so receivers can dedupe."""
+    await enqueue_committed(engine, 1)
+    clock = Clock()
+    registry = email_registry(smtp_server)
+    relay = Relay(engine, registry, clock=clock)
+    seen: list[str] = []
+
+    async def spy(message: object) -> str | None:
+        from outbox.message import OutboxMessage
+
+        assert isinstance(message, OutboxMessage)
+        seen.append(str(message.message_id))
+        return await registry.get("email")(message)
+
+    spying = HandlerRegistry()
+    spying.register("email", spy)
+    relay = Relay(engine, spying, clock=clock)
+    smtp_server.reply = "451 busy"
+    await relay.drain()
+    smtp_server.reply = None
+    clock.advance(3600)
+    await relay.drain()
+
+    assert len(seen) == 2 and seen[0] == seen[1]
+    [mail] = smtp_server.mails
+    assert seen[0] in mail.message_id
+
+
+async def test_two_relays_deliver_each_of_2000_messages_exactly_once(
+    engine: AsyncEngine, smtp_server: CaptureServer
+) -> None:
+    await enqueue_committed(engine, 2000)
+    config = RelayConfig(batch_size=50, concurrency=16)
+    relays = [Relay(engine, email_registry(smtp_server), config) for _ in range(2)]
+
+    results = await asyncio.gather(*(relay.drain() for relay in relays))
+
+    ids = [mail.message_id for mail in smtp_server.mails]
+    assert len(ids) == 2000
+    assert len(set(ids)) == 2000
+    assert sum(r.sent for r in results) == 2000
+    assert all(r.sent > 0 for r in results), "both relays should have taken a share"
+    stored = await row(engine, "SELECT count(*) FILTER (WHERE sent_at IS NULL) AS unsent FROM outbox")
+    assert stored["unsent"] == 0
