@@ -12,5 +12,5 @@ def next_delay(attempts: int, *, base: float, cap: float, rng: random.Random) ->
     load slightly better but can pick a delay near zero, which turns an outage into a hot loop;
     this keeps a floor of ``step / 2`` while still de-synchronising relays after a shared outage.
     """
-    step = min(cap, base * 2 ** max(0, attempts - 1))
+    step = min(cap, base * 2.0 ** max(0, attempts - 1))
     return step / 2 + rng.uniform(0, step / 2)

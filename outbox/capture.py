@@ -2,11 +2,12 @@
 
 ``outbox dev`` uses it when ``SMTP_URL`` is unset (the mails show at /dev/mail) and the tests use
 it as the real SMTP server on 127.0.0.1. ``reply`` makes it answer DATA with a chosen code (451,
-550, ...) to exercise the retry and dead paths.
+550, ...) to exercise the retry and dead paths; ``delay`` makes it slow.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import socket
@@ -42,6 +43,8 @@ class _Handler:
         self._server = server
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self._server.delay:
+            await asyncio.sleep(self._server.delay)
         return self._server._accept(envelope)
 
 
@@ -53,6 +56,7 @@ class CaptureServer:
         self.port = port or free_port(host)
         self.limit = limit
         self.reply: str | None = None
+        self.delay = 0.0  # seconds to think before answering DATA: a slow mail server
         self.data_attempts = 0
         self._mails: list[CapturedMail] = []
         self._lock = threading.Lock()

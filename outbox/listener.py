@@ -12,6 +12,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 
@@ -19,7 +20,9 @@ from outbox.schema import NOTIFY_CHANNEL
 
 logger = logging.getLogger(__name__)
 
-KEEPALIVE_ARGS: dict[str, int] = {
+# libpq TCP keepalives: a peer that vanished without closing (host died, cable cut) is noticed
+# within about idle + interval * count = 25 s instead of the kernel default of hours.
+KEEPALIVE_ARGS: dict[str, Any] = {
     "keepalives": 1,
     "keepalives_idle": 10,
     "keepalives_interval": 5,

@@ -144,7 +144,9 @@ class SmtpSender:
 
     async def __call__(self, message: OutboxMessage) -> str:
         """The ``email`` handler: returns the server's final reply, e.g. ``250 2.0.0 Ok``."""
-        mail = build_email(message.payload, message_id=message.message_id, mail_from=self._mail_from)
+        mail = build_email(
+            message.payload, message_id=message.message_id, mail_from=self._mail_from
+        )
         sender = envelope_address(str(mail["From"]))
         recipients = [envelope_address(a) for a in _recipients(message.payload["to"])]
         client = await self._slots.get()
@@ -156,9 +158,7 @@ class SmtpSender:
                     await client.connect()
             client.body_started = False
             async with asyncio.timeout(self._timeout):
-                refused, _ = await client.send_message(
-                    mail, sender=sender, recipients=recipients
-                )
+                refused, _ = await client.send_message(mail, sender=sender, recipients=recipients)
             keep = True
             reply = client.last_reply
             if refused:

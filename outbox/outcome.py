@@ -7,7 +7,7 @@ import traceback
 from dataclasses import dataclass
 
 from outbox.backoff import next_delay
-from outbox.errors import PermanentSendError
+from outbox.errors import OutboxError, PermanentSendError
 
 LAST_ERROR_MAX = 2000
 
@@ -32,8 +32,15 @@ Outcome = Sent | Retry | Dead
 
 
 def describe(exc: BaseException) -> str:
-    """The last line a traceback would print ("ValueError: bad"), bounded for the column."""
-    line = traceback.format_exception_only(type(exc), exc)[-1].strip()
+    """The last line a traceback would print ("ValueError: bad"), bounded for the column.
+
+    Our own send errors drop the module path: "TransientSendError: SMTP 451 ..." reads better in
+    ``outbox dead`` and they are unambiguous.
+    """
+    if isinstance(exc, OutboxError):
+        line = f"{type(exc).__name__}: {exc}"
+    else:
+        line = traceback.format_exception_only(type(exc), exc)[-1].strip()
     if isinstance(exc, TimeoutError) and not str(exc):
         line = "TimeoutError: the send did not finish within the timeout"
     return line[:LAST_ERROR_MAX]

@@ -1,9 +1,9 @@
 """Every statement on the relay's hot path, written once and explained here.
 
 Each entry says what it does, which index it relies on and why it is safe when several relays run
-at once. Time is always a parameter (``:now``) so tests drive a clock instead of sleeping; ``None`` means
-the database's own clock (``statement_timestamp()``), which is what production uses so that relays
-on several machines agree with each other and with ``now()`` in the writers' inserts.
+at once. Time is always a parameter (``:now``) so tests drive a clock instead of sleeping;
+``None`` means the database's own clock (``statement_timestamp()``), which is what production
+uses so that relays on several machines agree with each other and with the writers' ``now()``.
 
 The relay holds the row locks of a claimed batch for the whole send (one transaction per batch):
 there is no "claimed" state to write and no lease to expire. A relay that dies drops its
@@ -136,7 +136,11 @@ MARK_DEAD_MANY = text(
 
 
 async def mark_sent_many(
-    conn: AsyncConnection, *, ids: Sequence[int], results: Sequence[str | None], now: datetime | None
+    conn: AsyncConnection,
+    *,
+    ids: Sequence[int],
+    results: Sequence[str | None],
+    now: datetime | None,
 ) -> None:
     if ids:
         await conn.execute(MARK_SENT_MANY, {"ids": list(ids), "results": list(results), "now": now})
@@ -196,6 +200,33 @@ async def count_by_status(conn: AsyncConnection, *, now: datetime | None) -> dic
     }
 
 
+# --- DUE_DEPTH --------------------------------------------------------------------------------
+# For the relay's gauges, sampled every few seconds: the due count and the oldest due time come
+# from ix_outbox_due (partial, so sent rows cost nothing), the dead count from ix_outbox_dead_at.
+DUE_DEPTH = text(
+    """
+    WITH clock AS (SELECT coalesce(CAST(:now AS timestamptz), statement_timestamp()) AS now),
+    due AS (
+        SELECT count(*) AS n, min(available_at) AS oldest FROM outbox
+        WHERE sent_at IS NULL AND dead_at IS NULL AND available_at <= (SELECT now FROM clock)
+    )
+    SELECT due.n AS due,
+           coalesce(extract(epoch FROM (SELECT now FROM clock) - due.oldest), 0) AS oldest,
+           (SELECT count(*) FROM outbox WHERE dead_at IS NOT NULL) AS dead
+    FROM due
+    """
+)
+
+
+async def due_depth(conn: AsyncConnection, *, now: datetime | None) -> dict[str, float]:
+    row = (await conn.execute(DUE_DEPTH, {"now": now})).mappings().one()
+    return {
+        "due": int(row["due"]),
+        "oldest_due_age_s": float(row["oldest"]),
+        "dead": int(row["dead"]),
+    }
+
+
 # --- REQUEUE_DEAD -----------------------------------------------------------------------------
 # `outbox retry`: make dead rows due now with a fresh attempt budget. last_error is kept so the
 # history of why it died stays visible until the next attempt overwrites it.
@@ -238,4 +269,4 @@ DELETE_SENT_BEFORE = text(
 
 async def delete_sent_before(conn: AsyncConnection, *, before: datetime, limit: int) -> int:
     result = await conn.execute(DELETE_SENT_BEFORE, {"before": before, "limit": limit})
-    return int(result.rowcount)  # type: ignore[attr-defined]
+    return int(result.rowcount)

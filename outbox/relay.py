@@ -32,15 +32,18 @@ from tenacity import (
 )
 
 from outbox import queries
-from outbox.errors import ConfigError, SendError
+from outbox.errors import AmbiguousSendError, ConfigError, SendError
 from outbox.listener import Listener
 from outbox.message import OutboxMessage
+from outbox.metrics import RelayMetrics
 from outbox.outcome import Dead, Outcome, Retry, Sent, classify, describe
 from outbox.registry import HandlerRegistry
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+_OUTCOME_LABEL: dict[type, str] = {Sent: "sent", Retry: "retry", Dead: "dead"}
 
 DEFAULT_BATCH_SIZE = 100
 DEFAULT_CONCURRENCY = 32
@@ -179,6 +182,7 @@ class Relay:
         clock: Callable[[], datetime] | None = None,
         rng: random.Random | None = None,
         listen_dsn: str | None = None,
+        metrics: RelayMetrics | None = None,
     ) -> None:
         self.engine = engine
         self.registry = registry
@@ -190,6 +194,7 @@ class Relay:
         self._stopping = asyncio.Event()
         self._semaphore = asyncio.Semaphore(self.config.concurrency)
         self.listener: Listener | None = None
+        self.metrics = metrics or RelayMetrics()
         self.listen_connected = False
 
     def _now(self) -> datetime | None:
@@ -201,10 +206,12 @@ class Relay:
         """Claim one batch, deliver it, settle it, commit. Returns what happened."""
         async with self.engine.connect() as conn:
             now = due_before or self._now()
-            rows = await queries.claim_due(conn, limit=self.config.batch_size, now=now)
+            with self.metrics.claim_seconds.time():
+                rows = await queries.claim_due(conn, limit=self.config.batch_size, now=now)
             if not rows:
                 await conn.rollback()
                 return BatchResult()
+            self.metrics.batch_size.observe(len(rows))
             outcomes = await self._send_all(rows)
             settlement = _Settlement.of(rows, outcomes)
             # Shielded: a cancel (shutdown) while settling must not leave the batch half-written
@@ -231,7 +238,7 @@ class Relay:
                 async with asyncio.timeout(self.config.send_timeout):
                     result = await handler(row)
                 outcome: Outcome = Sent(result)
-            except Exception as exc:  # noqa: BLE001 - every failure becomes an outcome
+            except Exception as exc:
                 outcome = classify(
                     exc,
                     attempts=row.attempts + 1,
@@ -240,16 +247,27 @@ class Relay:
                     backoff_cap=self.config.backoff_cap,
                     rng=self._rng,
                 )
-                if not isinstance(exc, SendError | TimeoutError):
+                if isinstance(exc, AmbiguousSendError):
+                    self.metrics.ambiguous.inc()
+                    logger.warning(
+                        "ambiguous send id=%s: %s",
+                        row.id,
+                        exc,
+                        extra={"action": "ambiguous_send", "outbox_id": row.id},
+                    )
+                elif not isinstance(exc, SendError | TimeoutError):
                     logger.warning("handler raised %s", describe(exc), exc_info=exc)
-            duration_ms = (time.perf_counter() - started) * 1000
+            elapsed = time.perf_counter() - started
+            self.metrics.send_seconds.labels(row.topic).observe(elapsed)
+            self.metrics.settled.labels(_OUTCOME_LABEL[type(outcome)], row.topic).inc()
+            duration_ms = elapsed * 1000
             self._log_outcome(row, outcome, duration_ms)
             return outcome
 
     def _log_outcome(self, row: OutboxMessage, outcome: Outcome, duration_ms: float) -> None:
-        kind = type(outcome).__name__.lower()
         if not logger.isEnabledFor(logging.INFO):
             return
+        kind = _OUTCOME_LABEL[type(outcome)]
         error = "" if isinstance(outcome, Sent) else outcome.error
         logger.info(
             "%s id=%s topic=%s attempt=%d %.1fms %s",
@@ -314,7 +332,7 @@ class Relay:
             wait=wait_exponential(multiplier=0.2, max=10.0) + wait_random(0, 0.3),
             stop=lambda _state: self._stopping.is_set(),
             sleep=self._sleep_unless_stopping,
-            before_sleep=_log_reconnect,
+            before_sleep=self._log_reconnect,
             reraise=True,
         )
         async for attempt in retrying:
@@ -395,6 +413,32 @@ class Relay:
 
     def _on_listen_state(self, connected: bool) -> None:
         self.listen_connected = connected
+        self.metrics.on_listen_state(connected)
+
+    def _log_reconnect(self, state: RetryCallState) -> None:
+        self.metrics.db_reconnects.inc()
+        exc = state.outcome.exception() if state.outcome else None
+        delay = state.next_action.sleep if state.next_action else 0.0
+        logger.warning(
+            "database unreachable (%s); reconnecting in %.1fs (attempt %d)",
+            describe(exc) if exc else "?",
+            delay,
+            state.attempt_number,
+            extra={"action": "reconnect_database"},
+        )
+
+    async def sample_queue(self, every: float = 10.0) -> None:
+        """Keep the due-depth, oldest-due-age and dead gauges fresh until cancelled."""
+        while True:
+            try:
+                async with self.engine.connect() as conn:
+                    depth = await queries.due_depth(conn, now=self._now())
+                self.metrics.due.set(depth["due"])
+                self.metrics.oldest_due_age.set(depth["oldest_due_age_s"])
+                self.metrics.dead.set(depth["dead"])
+            except Exception as exc:
+                logger.debug("queue sample failed: %s", exc)
+            await asyncio.sleep(every)
 
 
 async def _first(*aws: Awaitable[object]) -> None:
@@ -405,15 +449,3 @@ async def _first(*aws: Awaitable[object]) -> None:
     finally:
         for task in tasks:
             task.cancel()
-
-
-def _log_reconnect(state: RetryCallState) -> None:
-    exc = state.outcome.exception() if state.outcome else None
-    delay = state.next_action.sleep if state.next_action else 0.0
-    logger.warning(
-        "database unreachable (%s); reconnecting in %.1fs (attempt %d)",
-        describe(exc) if exc else "?",
-        delay,
-        state.attempt_number,
-        extra={"action": "reconnect_database"},
-    )

@@ -47,7 +47,9 @@ class SmtpConfig:
     def from_url(cls, url: str) -> SmtpConfig:
         parts = urlsplit(url)
         if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
-            raise ConfigError("SMTP_URL must look like smtp://[user:pass@]host[:port] or smtps://...")
+            raise ConfigError(
+                "SMTP_URL must look like smtp://[user:pass@]host[:port] or smtps://..."
+            )
         query = parse_qs(parts.query)
         start_tls = query.get("starttls", ["false"])[0].lower() in ("1", "true", "yes")
         implicit_tls = parts.scheme == "smtps"

@@ -9,6 +9,7 @@ PostgreSQL); when it is unset an embedded server is started with pgserver, the s
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -25,6 +26,10 @@ from outbox.db import create_engine as create_async_engine
 from outbox.settings import libpq_url, normalise_database_url
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The capture SMTP server runs in a thread of the test process; a short GIL switch interval keeps
+# each SMTP round trip from waiting out the default 5 ms slice.
+sys.setswitchinterval(0.0005)
 
 
 def _database_url(admin_url: str, name: str) -> str:

@@ -222,5 +222,7 @@ async def test_two_relays_deliver_each_of_2000_messages_exactly_once(
     assert len(set(ids)) == 2000
     assert sum(r.sent for r in results) == 2000
     assert all(r.sent > 0 for r in results), "both relays should have taken a share"
-    stored = await row(engine, "SELECT count(*) FILTER (WHERE sent_at IS NULL) AS unsent FROM outbox")
+    stored = await row(
+        engine, "SELECT count(*) FILTER (WHERE sent_at IS NULL) AS unsent FROM outbox"
+    )
     assert stored["unsent"] == 0

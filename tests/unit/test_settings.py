@@ -1,0 +1,51 @@
+"""Settings come from one environment mapping and fail early with the variable's name."""
+
+from __future__ import annotations
+
+import pytest
+
+from outbox.errors import ConfigError
+from outbox.settings import Settings, SmtpConfig, libpq_url
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://u@h/db", "postgres://u@h/db", "postgresql+psycopg://u@h/db"],
+)
+def test_settings_accept_every_postgres_spelling(url: str) -> None:
+    settings = Settings.from_env({"DATABASE_URL": url})
+    assert settings.database_url == "postgresql+psycopg://u@h/db"
+    assert libpq_url(url) == "postgresql://u@h/db"
+
+
+def test_settings_defaults() -> None:
+    s = Settings.from_env({})
+    assert (s.mail_from, s.site_name, s.base_url) == (
+        "noreply@localhost",
+        "Outbox Demo",
+        "http://127.0.0.1:8000",
+    )
+    assert s.database_url is None and s.secret_key is None
+
+
+def test_settings_reject_bad_values_naming_the_variable() -> None:
+    with pytest.raises(ConfigError, match="DATABASE_URL"):
+        Settings.from_env({"DATABASE_URL": "mysql://x/y"})
+    with pytest.raises(ConfigError, match="SMTP_URL"):
+        Settings.from_env({"SMTP_URL": "http://mail"})
+    with pytest.raises(ConfigError, match="SMTP_URL"):
+        Settings.from_env({}).require("smtp_url")
+
+
+def test_settings_smtp_url_forms() -> None:
+    plain = SmtpConfig.from_url("smtp://mail.example:2525")
+    assert (plain.host, plain.port, plain.use_tls, plain.start_tls) == (
+        "mail.example",
+        2525,
+        False,
+        False,
+    )
+    tls = SmtpConfig.from_url("smtps://user%40x:p%3Ass@mail.example")
+    assert (tls.port, tls.use_tls, tls.username, tls.password) == (465, True, "user@x", "p:ss")
+    starttls = SmtpConfig.from_url("smtp://mail.example:587?starttls=true")
+    assert starttls.start_tls and not starttls.use_tls
