@@ -2,7 +2,8 @@
 
 ``outbox dev`` uses it when ``SMTP_URL`` is unset (the mails show at /dev/mail) and the tests use
 it as the real SMTP server on 127.0.0.1. ``reply`` makes it answer DATA with a chosen code (451,
-550, ...) to exercise the retry and dead paths; ``delay`` makes it slow.
+550, ...) to exercise the retry and dead paths; ``delay`` makes it slow, and
+``stall`` makes it hang forever on mail to chosen recipients.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class _Handler:
         self._server = server
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self._server.stall and self._server.stall & set(envelope.rcpt_tos):
+            await asyncio.Event().wait()  # swallow the body and never answer
         if self._server.delay:
             await asyncio.sleep(self._server.delay)
         return self._server._accept(envelope)
@@ -57,6 +60,7 @@ class CaptureServer:
         self.limit = limit
         self.reply: str | None = None
         self.delay = 0.0  # seconds to think before answering DATA: a slow mail server
+        self.stall: set[str] = set()  # recipients whose mail is read but never answered
         self.data_attempts = 0
         self._mails: list[CapturedMail] = []
         self._lock = threading.Lock()

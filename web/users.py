@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import (
@@ -54,24 +55,70 @@ async def create_user(conn: AsyncConnection, *, email: str, password_hash: str) 
     return user_id
 
 
-async def find_by_email(conn: AsyncConnection, email: str) -> dict[str, object] | None:
+@dataclass(frozen=True, slots=True)
+class User:
+    """The columns the signup flow needs (never the password hash)."""
+
+    id: int
+    email: str
+    verified_at: datetime | None
+
+
+async def find_user(conn: AsyncConnection, *, email: str) -> User | None:
+    """The account for ``email``, matched case-insensitively like the unique index."""
     row = (
         await conn.execute(
-            select(users_table).where(func.lower(users_table.c.email) == email.lower())
+            select(users_table.c.id, users_table.c.email, users_table.c.verified_at).where(
+                func.lower(users_table.c.email) == email.lower()
+            )
         )
-    ).mappings().first()
+    ).first()
+    return User(id=row.id, email=row.email, verified_at=row.verified_at) if row else None
+
+
+async def find_by_email(conn: AsyncConnection, email: str) -> dict[str, object] | None:
+    row = (
+        (
+            await conn.execute(
+                select(users_table).where(func.lower(users_table.c.email) == email.lower())
+            )
+        )
+        .mappings()
+        .first()
+    )
     return dict(row) if row else None
 
 
-async def mark_verified(conn: AsyncConnection, *, user_id: int, now: datetime | None = None) -> bool:
-    """Set verified_at once; a second click keeps the first time. False if no such user."""
+async def mark_verified(
+    conn: AsyncConnection,
+    *,
+    user_id: int,
+    email: str | None = None,
+    now: datetime | None = None,
+) -> bool:
+    """Set verified_at once; a second click keeps the first time. False if no such user.
+
+    With ``email`` the row must also still have that address (case-insensitively), so a token
+    issued for one address can never verify another.
+    """
+    conditions = [users_table.c.id == user_id]
+    if email is not None:
+        conditions.append(func.lower(users_table.c.email) == email.lower())
     stmt = (
         update(users_table)
-        .where(users_table.c.id == user_id)
+        .where(*conditions)
         .values(verified_at=func.coalesce(users_table.c.verified_at, now or func.now()))
         .returning(users_table.c.id)
     )
     return (await conn.execute(stmt)).first() is not None
 
 
-__all__ = ["create_user", "find_by_email", "mark_verified", "metadata", "users_table"]
+__all__ = [
+    "User",
+    "create_user",
+    "find_by_email",
+    "find_user",
+    "mark_verified",
+    "metadata",
+    "users_table",
+]
