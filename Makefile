@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test lint fault install clean
+.PHONY: dev test lint fault install clean bench bench-quick
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,10 +20,30 @@ dev: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Fault tests alone (kills, outages); OUTBOX_FAULT_SCALE=4 makes them bigger.
+fault: $(STAMP)
+	$(BIN)/python -m pytest -m fault $(PYTEST_ARGS)
+
+# Benchmarks run in an environment of their own, with the peers (procrastinate, pgqueuer,
+# Celery) and matplotlib, so the project's own environment stays lean.
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+$(BENCH_STAMP): pyproject.toml bench/requirements.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/pip install --quiet -e . -r bench/requirements.txt
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python -m bench --full
+
+bench-quick: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python -m bench --quick
+
 lint: $(STAMP)
 	$(BIN)/ruff check outbox web tests migrations
 	$(BIN)/ruff format --check outbox web tests migrations
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .outbox .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) .outbox .pytest_cache
