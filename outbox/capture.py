@@ -64,12 +64,7 @@ class CaptureServer:
         self.data_attempts = 0
         self._mails: list[CapturedMail] = []
         self._lock = threading.Lock()
-        self._controller = Controller(
-            _Handler(self),
-            hostname=host,
-            port=self.port,
-            server_kwargs={"data_size_limit": 10 * 1024 * 1024},
-        )
+        self._controller: Controller | None = None
 
     @property
     def url(self) -> str:
@@ -97,11 +92,22 @@ class CaptureServer:
             self._mails.clear()
 
     def start(self) -> CaptureServer:
+        """Listen on ``port``; after ``stop()`` this starts again on the same port, as a mail
+        server coming back from an outage would (its mails so far are kept)."""
+        # A Controller owns an event loop it closes on stop, so every start needs a new one.
+        self._controller = Controller(
+            _Handler(self),
+            hostname=self.host,
+            port=self.port,
+            server_kwargs={"data_size_limit": 10 * 1024 * 1024},
+        )
         self._controller.start()
         return self
 
     def stop(self) -> None:
-        self._controller.stop()
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
 
     def __enter__(self) -> CaptureServer:
         return self.start()

@@ -263,25 +263,23 @@ class SmtpSender:
         client = await self._slots.get()
         keep = False
         try:
-            if client is None or not client.is_connected:
-                client = self._new_client()
-                async with asyncio.timeout(self._timeout):
-                    await client.connect()
-            client.body_started = False
             async with asyncio.timeout(self._timeout):
-                refused, _ = await client.sendmail(
-                    mail.sender,
-                    mail.recipients,
-                    mail.data,
-                    mail_options=["SMTPUTF8", "BODY=8BITMIME"] if mail.smtputf8 else None,
-                )
-            keep = True
-            reply = client.last_reply
-            if refused:
-                reply += "; refused: " + ", ".join(
-                    f"{rcpt} {resp.code} {resp.message}" for rcpt, resp in refused.items()
-                )
-            return reply
+                if client is not None and client.is_connected:
+                    try:
+                        reply = await self._send(client, mail)
+                        keep = True
+                        return reply
+                    except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
+                        if client.body_started:
+                            raise
+                        # The server closed an idle pooled connection: nothing was sent yet,
+                        # so try once more on a fresh one instead of spending an attempt.
+                        client.close()
+                client = self._new_client()
+                await client.connect()
+                reply = await self._send(client, mail)
+                keep = True
+                return reply
         except aiosmtplib.SMTPRecipientsRefused as exc:
             keep = True
             codes = [r.code for r in exc.recipients]
@@ -290,7 +288,7 @@ class SmtpSender:
                 raise PermanentSendError(f"all recipients refused: {error}") from exc
             raise TransientSendError(f"recipients refused: {error}") from exc
         except aiosmtplib.SMTPResponseException as exc:
-            keep = not isinstance(exc, aiosmtplib.SMTPServerDisconnected)
+            keep = exc.code != 421  # 421: the server is closing the connection
             text = f"SMTP {exc.code} {exc.message}"
             if exc.code >= 500 and not isinstance(
                 exc, aiosmtplib.SMTPAuthenticationError | aiosmtplib.SMTPConnectError
@@ -302,11 +300,11 @@ class SmtpSender:
             raise PermanentSendError(f"SMTP server cannot take this mail: {exc}") from exc
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             # Timeouts, refused or dropped connections: worth another try later.
-            reason = "timed out" if isinstance(exc, TimeoutError) else f"failed: {exc!r}"
+            reason = "timed out" if isinstance(exc, TimeoutError) else f"failed: {exc}"
             if client is not None and client.body_started:
                 raise AmbiguousSendError(
-                    f"connection {reason} after the message body was sent; the server may "
-                    "have accepted it (retrying with the same Message-ID)"
+                    f"SMTP connection {reason} after the message body was sent; the server "
+                    "may have accepted it (retrying with the same Message-ID)"
                 ) from exc
             raise TransientSendError(f"SMTP connection {reason}") from exc
         except ValueError as exc:  # an address aiosmtplib refuses to put on the wire
@@ -317,6 +315,21 @@ class SmtpSender:
                 client.close()
                 client = None
             self._slots.put_nowait(client)
+
+    async def _send(self, client: _TrackingSMTP, mail: RenderedEmail) -> str:
+        client.body_started = False
+        refused, _ = await client.sendmail(
+            mail.sender,
+            mail.recipients,
+            mail.data,
+            mail_options=["SMTPUTF8", "BODY=8BITMIME"] if mail.smtputf8 else None,
+        )
+        reply = client.last_reply
+        if refused:
+            reply += "; refused: " + ", ".join(
+                f"{rcpt} {resp.code} {resp.message}" for rcpt, resp in refused.items()
+            )
+        return reply
 
     async def aclose(self) -> None:
         """Say QUIT on every idle connection; called when the relay stops."""

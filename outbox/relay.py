@@ -270,13 +270,13 @@ class Relay:
         kind = _OUTCOME_LABEL[type(outcome)]
         error = "" if isinstance(outcome, Sent) else outcome.error
         logger.info(
-            "%s id=%s topic=%s attempt=%d %.1fms %s",
+            "%s id=%s topic=%s attempt=%d %.1fms%s",
             kind,
             row.id,
             row.topic,
             row.attempts + 1,
             duration_ms,
-            error,
+            f": {error}" if error else "",
             extra={
                 "action": "settle_message",
                 "outbox_id": row.id,

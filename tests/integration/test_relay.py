@@ -226,3 +226,45 @@ async def test_two_relays_deliver_each_of_2000_messages_exactly_once(
         engine, "SELECT count(*) FILTER (WHERE sent_at IS NULL) AS unsent FROM outbox"
     )
     assert stored["unsent"] == 0
+
+
+async def test_relay_reopens_a_pooled_connection_the_server_dropped(
+    engine: AsyncEngine, smtp_server: CaptureServer
+) -> None:
+    """Regression: a pooled SMTP connection closed by the server while idle must not cost an
+    attempt; the sender reconnects at once because nothing was sent on it yet."""
+    registry = email_registry(smtp_server)
+    relay = Relay(engine, registry, RelayConfig(concurrency=1))
+    await enqueue_committed(engine, 1)
+    assert (await relay.drain()).sent == 1
+    smtp_server.stop()  # drops the pooled connection
+    smtp_server.start()
+    await enqueue_committed(engine, 1)
+
+    result = await relay.drain()
+
+    assert result.sent == 1, result
+    assert len(smtp_server.mails) == 2
+    stored = await row(engine, "SELECT max(attempts) AS n FROM outbox")
+    assert stored["n"] == 1
+
+
+async def test_relay_timeout_after_body_is_ambiguous_and_others_keep_flowing(
+    engine: AsyncEngine, smtp_server: CaptureServer
+) -> None:
+    smtp_server.stall = {"user0@example.test"}
+    await enqueue_committed(engine, 5)
+    relay = Relay(engine, email_registry(smtp_server, timeout=0.5), RelayConfig(send_timeout=1.0))
+
+    result = await relay.drain()
+
+    assert (result.sent, result.retried) == (4, 1)
+    stored = await row(
+        engine,
+        "SELECT attempts, last_error FROM outbox WHERE payload->>'to' = 'user0@example.test'",
+    )
+    assert "may have accepted" in str(stored["last_error"])
+    assert relay.metrics.ambiguous._value.get() == 1
+    assert {m.rcpt_tos[0] for m in smtp_server.mails} == {
+        f"user{n}@example.test" for n in range(1, 5)
+    }

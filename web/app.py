@@ -1,0 +1,65 @@
+"""The application factory: settings in, a Starlette app out, nothing at import time.
+
+No module-level engine or settings: ``create_app`` is called by ``outbox web`` / ``outbox dev``
+(and by tests) with a ``Settings`` object, and the lifespan opens the database engine when the
+server starts and disposes of it when it stops. Handlers reach both through ``request.state``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.routing import BaseRoute
+
+from outbox.db import create_engine
+from outbox.errors import ConfigError
+from outbox.settings import Settings
+from web.metrics import Metrics, MetricsMiddleware
+from web.routes import ROUTES
+from web.state import AppState
+
+APPLICATION_NAME = "outbox-web"
+
+
+def create_app(
+    settings: Settings,
+    *,
+    engine: AsyncEngine | None = None,
+    extra_routes: Sequence[BaseRoute] | None = None,
+) -> Starlette:
+    """Build the signup app; raise ``ConfigError`` at once if it could not work.
+
+    ``engine``: use this engine instead of creating one from ``DATABASE_URL``; its owner keeps
+    it (the app does not dispose of it). ``extra_routes`` are mounted after the app's own, for
+    ``outbox dev``'s ``/dev/mail``.
+    """
+    settings.require("secret_key")
+    database_url = settings.database_url
+    if engine is None and database_url is None:
+        raise ConfigError("DATABASE_URL is required (set it in the environment)")
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[AppState]:
+        if engine is not None:
+            yield AppState(engine=engine, settings=settings, metrics=metrics)
+            return
+        assert database_url is not None  # checked above, when the app was built
+        own = create_engine(database_url, application_name=APPLICATION_NAME)
+        try:
+            yield AppState(engine=own, settings=settings, metrics=metrics)
+        finally:
+            await own.dispose()
+
+    return Starlette(
+        routes=[*ROUTES, *(extra_routes or ())],
+        middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
+        lifespan=lifespan,
+    )
+
+
+__all__ = ["create_app"]

@@ -1,0 +1,23 @@
+"""What the lifespan hands every request: ``request.state["engine"]`` and friends, typed.
+
+Its own module so ``app`` (which builds it) and ``routes`` (which reads it) need not import
+each other.
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from outbox.settings import Settings
+from web.metrics import Metrics
+
+
+class AppState(TypedDict):
+    engine: AsyncEngine
+    settings: Settings
+    metrics: Metrics
+
+
+__all__ = ["AppState"]
