@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import logging
 import email.policy
 import socket
 import threading
@@ -19,6 +20,9 @@ from email.message import EmailMessage
 from typing import Any
 
 from aiosmtpd.controller import Controller
+
+# aiosmtpd logs every connection at INFO; a capture server has nothing to say at that level.
+logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)

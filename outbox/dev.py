@@ -14,6 +14,7 @@ import contextlib
 import logging
 import secrets
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,11 @@ def _secret_key(data: Path) -> str:
 
 
 def _embedded_postgres(data: Path) -> Any:
+    # platformdirs warns when XDG_RUNTIME_DIR is unset (as for root); pgserver copes without it.
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     import pgserver
 
+    logging.getLogger("pgserver").setLevel(logging.WARNING)  # its INFO lines are for debugging
     print("starting embedded PostgreSQL in", data / "pgdata", "...", file=sys.stderr)
     return pgserver.get_server(str((data / "pgdata").resolve()), cleanup_mode="stop")
 
