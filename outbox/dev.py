@@ -59,7 +59,6 @@ def _embedded_postgres(data: Path) -> Any:
 
 async def _serve(settings: Settings, capture: CaptureServer | None, host: str, port: int) -> None:
     from web.app import create_app
-
     from web.devmail import dev_mail_routes
 
     extra = dev_mail_routes(capture) if capture is not None else []
