@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from outbox.errors import ConfigError
 from outbox.schema import metadata as outbox_metadata
 from outbox.settings import Settings
+from web.ratelimit import rate_limits_table  # noqa: F401  (registers the table)
 from web.users import metadata as users_metadata
 
 config = context.config

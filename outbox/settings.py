@@ -80,6 +80,9 @@ class Settings:
     old_secret_keys: tuple[str, ...] = ()
     token_max_age_s: int = 48 * 3600
     notify: bool = True
+    # Rate limits of the signup app ("20/hour", "5/10m", "off"); parsed by web.ratelimit.
+    rate_limit_per_ip: str = "30/hour"
+    rate_limit_per_email: str = "5/hour"
 
     def __post_init__(self) -> None:
         if self.database_url is not None:
@@ -118,6 +121,8 @@ class Settings:
             old_secret_keys=old_keys,
             token_max_age_s=max_age_s,
             notify=(get("OUTBOX_NOTIFY") or "true").lower() not in ("0", "false", "no", "off"),
+            rate_limit_per_ip=get("RATE_LIMIT_PER_IP") or cls.rate_limit_per_ip,
+            rate_limit_per_email=get("RATE_LIMIT_PER_EMAIL") or cls.rate_limit_per_email,
         )
 
     def with_overrides(self, **changes: object) -> Settings:

@@ -19,6 +19,7 @@ from outbox.db import create_engine
 from outbox.errors import ConfigError
 from outbox.settings import Settings
 from web.metrics import Metrics, MetricsMiddleware
+from web.ratelimit import RateLimits
 from web.routes import ROUTES
 from web.state import AppState
 
@@ -42,16 +43,19 @@ def create_app(
     if engine is None and database_url is None:
         raise ConfigError("DATABASE_URL is required (set it in the environment)")
     metrics = Metrics()
+    rate_limits = RateLimits.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[AppState]:
         if engine is not None:
-            yield AppState(engine=engine, settings=settings, metrics=metrics)
+            yield AppState(
+                engine=engine, settings=settings, metrics=metrics, rate_limits=rate_limits
+            )
             return
         assert database_url is not None  # checked above, when the app was built
         own = create_engine(database_url, application_name=APPLICATION_NAME)
         try:
-            yield AppState(engine=own, settings=settings, metrics=metrics)
+            yield AppState(engine=own, settings=settings, metrics=metrics, rate_limits=rate_limits)
         finally:
             await own.dispose()
 

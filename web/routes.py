@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from web import csrf, forms, pages, signup
+from web import csrf, forms, pages, ratelimit, signup
 from web.forms import FieldError, Submission
 from web.metrics import CONTENT_TYPE
 from web.passwords import hash_password
@@ -32,6 +32,7 @@ SUCCESS_PATH = "/users/register/success"
 HEALTHZ_TIMEOUT_S = 2.0
 _SENT = {"status": "verification_sent"}
 _EXPIRED_FORM = "This form has expired. Please try again."
+_TOO_MANY = "Too many requests. Please wait a while and try again."
 
 
 class _Rejected(Exception):
@@ -103,6 +104,25 @@ async def _read(request: Request[AppState], *, form: str) -> Submission:
     return submission
 
 
+async def _check_rate(
+    request: Request[AppState], submission: Submission, *, action: str, email: str, form: str
+) -> None:
+    """Raise ``_Rejected`` with a 429 and Retry-After when this client or address is over its
+    limit (counted in PostgreSQL, so the limit holds across web processes)."""
+    state = request.state
+    client = request.client.host if request.client else "unknown"
+    buckets = state["rate_limits"].buckets(action, client=client, email=email)
+    retry_after = await ratelimit.check(state["engine"], buckets)
+    if retry_after is None:
+        return
+    error = FieldError(None, _TOO_MANY)
+    response = _error(
+        request, error, status=429, as_json=submission.is_json, form=form, email=email
+    )
+    response.headers["Retry-After"] = str(retry_after)
+    raise _Rejected("rate_limited", response)
+
+
 def _accepted(submission: Submission) -> Response:
     if submission.is_json:
         return JSONResponse(_SENT, status_code=202)
@@ -133,6 +153,7 @@ async def register(request: Request[AppState]) -> Response:
                 email=submission.text("email") or "",
             )
             raise _Rejected("invalid", response)
+        await _check_rate(request, submission, action="signup", email=parsed.email, form="register")
     except _Rejected as rejected:
         state["metrics"].signups.labels(rejected.reason).inc()
         return rejected.response
@@ -153,18 +174,20 @@ async def resend(request: Request[AppState]) -> Response:
     """Mail a fresh link to an unverified account; the same answer for any valid address."""
     try:
         submission = await _read(request, form="resend")
+        email = forms.parse_email(submission)
+        if isinstance(email, FieldError):
+            response = _error(
+                request,
+                email,
+                status=400,
+                as_json=submission.is_json,
+                form="resend",
+                email=submission.text("email") or "",
+            )
+            raise _Rejected("invalid", response)
+        await _check_rate(request, submission, action="resend", email=email, form="resend")
     except _Rejected as rejected:
         return rejected.response
-    email = forms.parse_email(submission)
-    if isinstance(email, FieldError):
-        return _error(
-            request,
-            email,
-            status=400,
-            as_json=submission.is_json,
-            form="resend",
-            email=submission.text("email") or "",
-        )
     async with request.state["engine"].begin() as conn:
         await signup.resend(conn, email=email, settings=request.state["settings"])
     return _accepted(submission)

@@ -12,12 +12,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox.settings import Settings
 from web.metrics import Metrics
+from web.ratelimit import RateLimits
 
 
 class AppState(TypedDict):
     engine: AsyncEngine
     settings: Settings
     metrics: Metrics
+    rate_limits: RateLimits
 
 
 __all__ = ["AppState"]
