@@ -19,6 +19,7 @@ from starlette.routing import BaseRoute, Route
 from web import csrf, forms, pages, ratelimit, signup
 from web.forms import FieldError, Submission
 from web.metrics import CONTENT_TYPE
+from web.openapi import DOCUMENT
 from web.passwords import hash_password
 from web.state import AppState
 from web.tokens import TokenExpiredError, TokenInvalidError, read_token
@@ -235,6 +236,10 @@ async def metrics(request: Request[AppState]) -> Response:
     return Response(request.state["metrics"].exposition(), media_type=CONTENT_TYPE)
 
 
+async def openapi(request: Request[AppState]) -> Response:
+    return JSONResponse(DOCUMENT)
+
+
 ROUTES: list[BaseRoute] = [
     Route("/", home, methods=["GET"], name="home"),
     Route("/users/register", register_form, methods=["GET"], name="register_form"),
@@ -244,6 +249,7 @@ ROUTES: list[BaseRoute] = [
     Route("/users/verify/resend", resend, methods=["POST"], name="resend"),
     Route("/healthz", healthz, methods=["GET"], name="healthz"),
     Route("/metrics", metrics, methods=["GET"], name="metrics"),
+    Route("/openapi.json", openapi, methods=["GET"], name="openapi"),
 ]
 
 __all__ = ["HEALTHZ_TIMEOUT_S", "ROUTES"]
