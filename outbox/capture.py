@@ -103,7 +103,7 @@ class CaptureServer:
             _Handler(self),
             hostname=self.host,
             port=self.port,
-            server_kwargs={"data_size_limit": 10 * 1024 * 1024},
+            server_kwargs={"data_size_limit": 10 * 1024 * 1024, "enable_SMTPUTF8": True},
         )
         self._controller.start()
         return self

@@ -19,6 +19,7 @@ from email.utils import formataddr, formatdate, getaddresses, parseaddr
 from typing import Any
 
 import aiosmtplib
+import idna
 
 from outbox.errors import (
     AmbiguousSendError,
@@ -73,13 +74,23 @@ def _check_header(name: str, value: str) -> None:
 
 
 def _address(header_value: str) -> tuple[str, str]:
-    """(display name, bare address) of ``"Ann <ann@example.com>"``; refuses what is not one."""
+    """(display name, bare address) of ``"Ann <ann@example.com>"``; refuses what is not one.
+
+    An internationalised domain with an ASCII local part is sent in its ASCII (punycode) form,
+    which every server takes; only a non-ASCII local part needs the server's SMTPUTF8.
+    """
     _check_header("Address", header_value)
     found = getaddresses([header_value])
     name, address = found[0] if len(found) == 1 else ("", "")
     local, at, domain = address.rpartition("@")
     if not at or not local or not domain or " " in address or "@" in local and '"' not in local:
         raise PermanentSendError(f"not an email address: {header_value!r}")
+    if local.isascii() and not domain.isascii():
+        try:
+            domain = idna.encode(domain, uts46=True).decode("ascii")
+        except idna.IDNAError as exc:
+            raise PermanentSendError(f"invalid domain in {header_value!r}: {exc}") from None
+        address = f"{local}@{domain}"
     return name, address
 
 

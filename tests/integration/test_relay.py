@@ -268,3 +268,21 @@ async def test_relay_timeout_after_body_is_ambiguous_and_others_keep_flowing(
     assert {m.rcpt_tos[0] for m in smtp_server.mails} == {
         f"user{n}@example.test" for n in range(1, 5)
     }
+
+
+async def test_relay_delivers_to_a_unicode_address_with_smtputf8(
+    engine: AsyncEngine, smtp_server: CaptureServer
+) -> None:
+    async with engine.begin() as conn:
+        await enqueue(
+            conn,
+            topic="email",
+            payload={"to": "用户@例子.广告", "subject": "你好 Zoë", "text": "Grüße"},
+        )
+
+    result = await Relay(engine, email_registry(smtp_server)).drain()
+
+    assert result.sent == 1
+    [mail] = smtp_server.mails
+    assert mail.rcpt_tos == ("用户@例子.广告",)
+    assert mail.message["Subject"] == "你好 Zoë"

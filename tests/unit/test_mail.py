@@ -100,6 +100,15 @@ def test_mail_unicode_address_uses_smtputf8() -> None:
     assert "用户@例子.test".encode() in rendered.data
 
 
+def test_mail_idn_domain_is_sent_as_punycode_without_smtputf8() -> None:
+    rendered = render_email(
+        {"to": "ann@bücher.example", "subject": "S", "text": "T"}, message_id=MID, mail_from="n@x"
+    )
+    assert not rendered.smtputf8
+    assert rendered.recipients == ["ann@xn--bcher-kva.example"]
+    assert rendered.data.isascii()
+
+
 @pytest.mark.parametrize(
     "payload",
     [
