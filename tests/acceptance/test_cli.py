@@ -6,6 +6,7 @@ import json
 import signal
 import time
 
+import httpx
 import psycopg
 import pytest
 
@@ -150,3 +151,46 @@ def test_cli_relay_sigterm_exits_zero_and_leaves_nothing_half_done(
     # Every row marked sent was delivered; anything delivered but unmarked would be a duplicate
     # later, which SIGTERM must not cause: the in-flight batch is settled before exit.
     assert sent_rows[0] == len(delivered)
+
+
+def test_cli_relay_metrics_port_and_json_log_lines(db_url: str, smtp_server: CaptureServer) -> None:
+    from outbox.capture import free_port
+
+    insert_emails(db_url, 5)
+    port = free_port()
+    proc = start_cli(
+        "relay",
+        "--metrics-port",
+        str(port),
+        "--log-format",
+        "json",
+        "--poll-interval",
+        "0.5",
+        env=cli_env(DATABASE_URL=db_url, SMTP_URL=smtp_server.url),
+    )
+    try:
+        deadline = time.monotonic() + 30
+        text = ""
+        while time.monotonic() < deadline:
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1).text
+            except httpx.HTTPError:
+                text = ""
+            if 'outbox_messages_settled_total{outcome="sent",topic="email"} 5.0' in text:
+                break
+            time.sleep(0.2)
+        assert 'outbox_messages_settled_total{outcome="sent",topic="email"} 5.0' in text
+        assert "outbox_listen_connected 1.0" in text
+        assert "outbox_claim_duration_seconds_count" in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    settled = [
+        json.loads(line)
+        for line in stderr.splitlines()
+        if line.startswith("{") and '"settle_message"' in line
+    ]
+    assert len(settled) == 5
+    assert {entry["outcome"] for entry in settled} == {"sent"}
+    assert all({"outbox_id", "topic", "attempt", "duration_ms"} <= set(e) for e in settled)
