@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from outbox import admin, logs
 from outbox.errors import ConfigError, OutboxError
@@ -37,6 +37,13 @@ class UsageError(OutboxError):
     """The command line is invalid."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (and a pointer to --help), not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _duration(value: str) -> timedelta:
     try:
         return admin.parse_duration(value)
@@ -55,7 +62,7 @@ def _positive_int(value: str) -> int:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="outbox",
         description="A transactional outbox on PostgreSQL: web app, relay and operator tools.",
     )
