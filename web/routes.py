@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import NoReturn
 
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
@@ -105,6 +106,22 @@ async def _read(request: Request[AppState], *, form: str) -> Submission:
     return submission
 
 
+def _reject_invalid(
+    request: Request[AppState], submission: Submission, error: FieldError, *, form: str
+) -> NoReturn:
+    """A 400 for input that parsed but is not valid: the form again (with the address the user
+    typed, never the password) or the JSON error."""
+    response = _error(
+        request,
+        error,
+        status=400,
+        as_json=submission.is_json,
+        form=form,
+        email=submission.text("email") or "",
+    )
+    raise _Rejected("invalid", response)
+
+
 async def _check_rate(
     request: Request[AppState], submission: Submission, *, action: str, email: str, form: str
 ) -> None:
@@ -145,15 +162,7 @@ async def register(request: Request[AppState]) -> Response:
         submission = await _read(request, form="register")
         parsed = forms.parse_signup(submission)
         if isinstance(parsed, FieldError):
-            response = _error(
-                request,
-                parsed,
-                status=400,
-                as_json=submission.is_json,
-                form="register",
-                email=submission.text("email") or "",
-            )
-            raise _Rejected("invalid", response)
+            _reject_invalid(request, submission, parsed, form="register")
         await _check_rate(request, submission, action="signup", email=parsed.email, form="register")
     except _Rejected as rejected:
         state["metrics"].signups.labels(rejected.reason).inc()
@@ -177,15 +186,7 @@ async def resend(request: Request[AppState]) -> Response:
         submission = await _read(request, form="resend")
         email = forms.parse_email(submission)
         if isinstance(email, FieldError):
-            response = _error(
-                request,
-                email,
-                status=400,
-                as_json=submission.is_json,
-                form="resend",
-                email=submission.text("email") or "",
-            )
-            raise _Rejected("invalid", response)
+            _reject_invalid(request, submission, email, form="resend")
         await _check_rate(request, submission, action="resend", email=email, form="resend")
     except _Rejected as rejected:
         return rejected.response
