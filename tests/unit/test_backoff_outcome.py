@@ -48,8 +48,9 @@ def test_outcome_permanent_and_unknown_topic_are_dead_at_once() -> None:
 
 
 def test_outcome_unexpected_exception_retries_with_traceback_last_line() -> None:
+    empty: dict[str, int] = {}
     try:
-        {}["missing"]
+        empty["missing"]
     except KeyError as exc:
         outcome = classify_(exc)
     assert isinstance(outcome, Retry)

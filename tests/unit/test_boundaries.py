@@ -21,6 +21,8 @@ def _web_imports(path: Path) -> list[tuple[int, bool]]:
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names = [node.module]
+        else:
+            continue
         if any(name == "web" or name.startswith("web.") for name in names):
             found.append((node.lineno, id(node) in module_level))
     return found
