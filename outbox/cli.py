@@ -243,6 +243,7 @@ def _cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
 
 def _cmd_web(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
+
     from web.app import create_app
 
     settings.require("secret_key", "database_url")

@@ -85,18 +85,20 @@ class RelayConfig:
 
     @property
     def stop_bound(self) -> float:
-        """Seconds from SIGTERM to exit, at most: the in-flight batch's sends plus the grace."""
+        """Seconds from SIGTERM to exit, at most: after a stop no new send starts, so only the
+        sends already running (each bounded by ``send_timeout``) finish, then the settle."""
         return self.send_timeout + self.stop_grace
 
     @property
     def idle_in_transaction_timeout(self) -> float:
         """How long PostgreSQL lets a relay sit idle inside a batch transaction before ending it.
 
-        A batch is idle between the claim and the settle, at most ``send_timeout`` plus
-        scheduling noise; a relay frozen or cut off for longer loses its session and its locks,
-        so its batch becomes due for the others.
+        A batch is idle between the claim and the settle: sends start within ``send_timeout``
+        of the claim and each lasts at most ``send_timeout`` (see ``Relay._send_all``), so at
+        most ``2 * send_timeout``. Ten seconds more absorb scheduling noise. A relay frozen or
+        cut off for longer loses its session and its locks, and its batch is due for the others.
         """
-        return self.send_timeout + max(10.0, self.send_timeout)
+        return 2 * self.send_timeout + 10.0
 
 
 @dataclass
@@ -107,12 +109,14 @@ class BatchResult:
     sent: int = 0
     retried: int = 0
     dead: int = 0
+    released: int = 0  # claimed but not attempted (stop, or the start deadline): due again
 
     def __iadd__(self, other: BatchResult) -> BatchResult:
         self.claimed += other.claimed
         self.sent += other.sent
         self.retried += other.retried
         self.dead += other.dead
+        self.released += other.released
         return self
 
 
@@ -126,11 +130,15 @@ class _Settlement:
     dead_ids: list[int] = field(default_factory=list)
     dead_errors: list[str] = field(default_factory=list)
 
+    released: int = 0
+
     @classmethod
-    def of(cls, rows: Sequence[OutboxMessage], outcomes: Sequence[Outcome]) -> _Settlement:
+    def of(cls, rows: Sequence[OutboxMessage], outcomes: Sequence[Outcome | None]) -> _Settlement:
         s = cls()
         for row, outcome in zip(rows, outcomes, strict=True):
             match outcome:
+                case None:
+                    s.released += 1
                 case Sent(result):
                     s.sent_ids.append(row.id)
                     s.sent_results.append(result)
@@ -145,10 +153,11 @@ class _Settlement:
 
     def result(self) -> BatchResult:
         return BatchResult(
-            claimed=len(self.sent_ids) + len(self.retry_ids) + len(self.dead_ids),
+            claimed=len(self.sent_ids) + len(self.retry_ids) + len(self.dead_ids) + self.released,
             sent=len(self.sent_ids),
             retried=len(self.retry_ids),
             dead=len(self.dead_ids),
+            released=self.released,
         )
 
 
@@ -214,6 +223,8 @@ class Relay:
             self.metrics.batch_size.observe(len(rows))
             outcomes = await self._send_all(rows)
             settlement = _Settlement.of(rows, outcomes)
+            # Rows never started (stop requested, or the batch's start deadline passed) are not
+            # written at all: the commit releases their locks and they are due again at once.
             # Shielded: a cancel (shutdown) while settling must not leave the batch half-written
             # or, worse, sent but unmarked. If we are cancelled, wait for the settle to finish.
             settle = asyncio.ensure_future(self._settle(conn, settlement))
@@ -224,14 +235,28 @@ class Relay:
                 raise
             return settlement.result()
 
-    async def _send_all(self, rows: Sequence[OutboxMessage]) -> list[Outcome]:
+    async def _send_all(self, rows: Sequence[OutboxMessage]) -> list[Outcome | None]:
+        """Run the batch's handlers, at most ``concurrency`` at a time.
+
+        A batch larger than ``concurrency`` sends in waves. A send may only *start* within
+        ``send_timeout`` of the claim, and runs for at most ``send_timeout``, so a batch holds its
+        locks for at most twice that, whatever the batch size and however slow the mail server
+        (``RelayConfig.idle_in_transaction_timeout`` relies on this bound). Rows that could not
+        start in time, or whose turn came after a stop was requested, come back as ``None``.
+        """
+        start_deadline = time.monotonic() + self.config.send_timeout
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(self._dispatch(row)) for row in rows]
+            tasks = [group.create_task(self._dispatch(row, start_deadline)) for row in rows]
         return [task.result() for task in tasks]
 
-    async def _dispatch(self, row: OutboxMessage) -> Outcome:
-        """Run one handler and turn whatever happens into exactly one outcome; never raises."""
+    async def _dispatch(self, row: OutboxMessage, start_deadline: float) -> Outcome | None:
+        """Run one handler and turn whatever happens into exactly one outcome; never raises.
+
+        ``None``: not attempted (see ``_send_all``); nothing is written for the row.
+        """
         async with self._semaphore:
+            if self._stopping.is_set() or time.monotonic() > start_deadline:
+                return None
             started = time.perf_counter()
             try:
                 handler = self.registry.get(row.topic)

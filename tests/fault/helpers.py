@@ -79,7 +79,7 @@ class RelayProcess:
     ) -> None:
         self.args = list(args)
         self.log_path = log_path
-        self._log = open(log_path, "w")  # noqa: SIM115 - closed in close()
+        self._log = open(log_path, "w")
         self.proc = subprocess.Popen(
             [OUTBOX, "relay", *self.args],
             env=cli_env(DATABASE_URL=db_url, SMTP_URL=smtp_url, **env),
@@ -158,7 +158,7 @@ class RelayFactory:
 def sql(db_url: str, query: str, params: Sequence[Any] | dict[str, Any] | None = None) -> list[Any]:
     """Run one statement in its own autocommit connection; return the rows (if any)."""
     with psycopg.connect(libpq_url(db_url), autocommit=True, connect_timeout=10) as conn:
-        cur = conn.execute(query, params)  # type: ignore[arg-type]
+        cur = conn.execute(query, params)
         return cur.fetchall() if cur.description else []
 
 
@@ -188,7 +188,9 @@ def all_message_ids(db_url: str) -> set[str]:
 
 
 def sent_message_ids(db_url: str) -> set[str]:
-    return {str(r[0]) for r in sql(db_url, "SELECT message_id FROM outbox WHERE sent_at IS NOT NULL")}
+    return {
+        str(r[0]) for r in sql(db_url, "SELECT message_id FROM outbox WHERE sent_at IS NOT NULL")
+    }
 
 
 def relay_backends(db_url: str, app: str = "outbox-%") -> list[tuple[int, str]]:

@@ -44,7 +44,7 @@ def test_kill_9_at_random_moments_loses_nothing(
         relay = relays.start(db_url, smtp_server.url, *args)
         before = delivered.distinct_now()
         remaining = n - before
-        if rng.random() < 0.25:
+        if rng.random() < 0.25 or remaining < 2:
             # Anywhere from start-up to the first batches: connecting, claiming, sending.
             pause = rng.uniform(0.3, 1.5)
             time.sleep(pause)
@@ -53,7 +53,7 @@ def test_kill_9_at_random_moments_loses_nothing(
             # Mid-drain: after a random amount of progress, leaving work for the later kills.
             step = rng.randint(1, max(1, remaining // (kills - k + 2)))
             wait_until(
-                lambda: delivered.distinct_now() >= before + step,
+                lambda: delivered.distinct_now() >= before + step,  # noqa: B023 - called at once
                 60,
                 f"kill {k + 1}: {step} more deliveries",
                 interval=0.01,
@@ -67,9 +67,7 @@ def test_kill_9_at_random_moments_loses_nothing(
         moments.append(moment)
 
     final = relays.start(db_url, smtp_server.url, *args)
-    wait_until(
-        lambda: delivered.distinct_now() >= n, 240, f"all {n} delivered", alive=[final]
-    )
+    wait_until(lambda: delivered.distinct_now() >= n, 240, f"all {n} delivered", alive=[final])
     code, _ = final.terminate_and_wait(20)
     elapsed = time.monotonic() - started
     assert code == 0, final.log_tail()

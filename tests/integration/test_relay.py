@@ -286,3 +286,30 @@ async def test_relay_delivers_to_a_unicode_address_with_smtputf8(
     [mail] = smtp_server.mails
     assert mail.rcpt_tos == ("用户@例子.广告",)
     assert mail.message["Subject"] == "你好 Zoë"
+
+
+async def test_relay_releases_rows_it_could_not_start_within_the_send_timeout(
+    engine: AsyncEngine, smtp_server: CaptureServer
+) -> None:
+    """A batch larger than --concurrency sends in waves; rows whose turn comes after
+    send_timeout are released untouched (no attempt counted), so the batch's locks are held for
+    at most twice the send timeout."""
+    await enqueue_committed(engine, 6)
+    smtp_server.delay = 0.25
+    relay = Relay(
+        engine,
+        email_registry(smtp_server),
+        RelayConfig(batch_size=6, concurrency=1, send_timeout=0.4),
+    )
+
+    result = await relay.run_once()
+
+    assert result.claimed == 6
+    assert result.sent >= 1 and result.released >= 1
+    assert result.sent + result.released == 6
+    stored = await row(
+        engine,
+        "SELECT count(*) FILTER (WHERE sent_at IS NULL AND attempts = 0) AS untouched FROM outbox",
+    )
+    assert stored["untouched"] == result.released
+    assert (await relay.drain()).sent == result.released  # due again at once

@@ -266,4 +266,3 @@ def test_sql_lint_catches_an_f_string() -> None:
         assert len(_sql_built_from_strings(sample)) == 3
     finally:
         sample.unlink()
-
