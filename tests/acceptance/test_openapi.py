@@ -30,7 +30,7 @@ CHECKS = ",".join(
 )
 
 
-def test_openapi_schemathesis_finds_no_failure(db_url: str) -> None:
+def test_openapi_schemathesis_finds_no_failure(db_url: str, tmp_path: Path) -> None:
     port = free_port()
     env = cli_env(
         DATABASE_URL=db_url,
@@ -66,6 +66,7 @@ def test_openapi_schemathesis_finds_no_failure(db_url: str) -> None:
                 "2",
                 "--no-color",
             ],
+            cwd=tmp_path,  # its example database and reports stay out of the repository
             capture_output=True,
             text=True,
             timeout=600,
