@@ -1,0 +1,335 @@
+"""What every scenario shares: sizes, throwaway databases, relay processes, the machine line."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from sqlalchemy.engine import make_url
+
+from outbox import migrate, queries
+from outbox.settings import libpq_url, normalise_database_url
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each scenario is. ``full`` is the published run; ``quick`` fits in 3 minutes;
+    ``smoke`` only proves the code runs (the test suite)."""
+
+    name: str
+    runs: int  # timed runs per figure (after one warm-up)
+    smtp_total: int  # mails per item-2 run (and per item-4 run)
+    relay_procs: tuple[int, ...]  # item 2
+    queue_total: int  # messages per item-3 run
+    batch_sizes: tuple[int, ...]  # item 3
+    queue_procs: int  # processes for items 3 and 4 (ours and every peer)
+    latency_seconds: float  # item 5, per rate
+    latency_rates: tuple[int, ...]
+    scale_rows: tuple[int, ...]  # item 6
+    scale_sent_kept: int
+    notify_seconds: float  # item 7, per run
+    web_seconds: float  # item 1, per variant
+    peers: bool = True
+    charts: bool = True
+    target_s: float = 3.0  # each timed drain is sized from its warm-up to last about this long
+    warm: int = 1000  # messages in a warm-up drain
+    celery_throughput: bool = True  # items 3-4: Celery's workers start per drain (slow)
+    quiet_batches: tuple[int, ...] = (100,)  # item 3: also measure the relay without its log line
+
+    def size_for(self, rate: float, cap: int, floor: int = 200) -> int:
+        """Messages for a timed drain at ``rate``/s (from the warm-up) to last ``target_s``."""
+        if rate != rate or rate <= 0:  # NaN: the warm-up was too short to tell
+            return min(cap, max(floor, self.warm))
+        return int(min(cap, max(floor, rate * self.target_s)))
+
+
+SIZES = {
+    "smoke": Sizes(
+        "smoke", runs=1, smtp_total=200, relay_procs=(1,), queue_total=600, batch_sizes=(10, 100),
+        queue_procs=1, latency_seconds=1.0, latency_rates=(50,), scale_rows=(500,),
+        scale_sent_kept=500, notify_seconds=0.5, web_seconds=1.0, peers=False, charts=False,
+        target_s=0.3, warm=200,
+    ),
+    "quick": Sizes(
+        "quick", runs=3, smtp_total=5000, relay_procs=(1, 2), queue_total=20000,
+        batch_sizes=(10, 100), queue_procs=2, latency_seconds=1.2,
+        latency_rates=(100, 1000), scale_rows=(5_000, 20_000), scale_sent_kept=20_000,
+        notify_seconds=0.7, web_seconds=4.0, target_s=0.4, warm=300, celery_throughput=False,
+    ),
+    "full": Sizes(
+        "full", runs=5, smtp_total=20000, relay_procs=(1, 2, 4), queue_total=100000,
+        batch_sizes=(10, 100, 1000), queue_procs=2, latency_seconds=10.0,
+        latency_rates=(100, 1000), scale_rows=(10_000, 100_000, 1_000_000),
+        scale_sent_kept=1_000_000, notify_seconds=3.0, web_seconds=20.0, target_s=2.0,
+        warm=2000, quiet_batches=(10, 100, 1000),
+    ),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Bench:
+    admin_url: str
+    sizes: Sizes
+    results: dict[str, Any] = field(default_factory=dict)
+    _dbs: list[str] = field(default_factory=list)
+
+    # --- databases ---------------------------------------------------------------------------
+
+    def _url_for(self, name: str) -> str:
+        url = make_url(normalise_database_url(self.admin_url)).set(database=name)
+        return libpq_url(url.render_as_string(hide_password=False))
+
+    def _admin(self, sql: str) -> None:
+        with psycopg.connect(libpq_url(self.admin_url), autocommit=True) as conn:
+            conn.execute(sql)  # type: ignore[arg-type]  # generated names only
+
+    def create_db(self, label: str, *, migrated: bool = True) -> str:
+        name = f"outbox_bench_{label}_{uuid.uuid4().hex[:8]}"
+        self._admin(f'CREATE DATABASE "{name}"')
+        self._dbs.append(name)
+        url = self._url_for(name)
+        if migrated:
+            migrate.upgrade_url(url)
+        return url
+
+    def drop_db(self, url: str) -> None:
+        name = make_url(normalise_database_url(url)).database
+        self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if name in self._dbs:
+            self._dbs.remove(name)
+
+    def drop_all(self) -> None:
+        for name in list(self._dbs):
+            try:
+                self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            except psycopg.Error as exc:
+                log(f"could not drop {name}: {exc}")
+        self._dbs.clear()
+
+    # --- the machine line --------------------------------------------------------------------
+
+    def machine(self) -> dict[str, Any]:
+        with psycopg.connect(libpq_url(self.admin_url)) as conn:
+            version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+            settings = {
+                name: conn.execute(f"SHOW {name}").fetchone()[0]  # type: ignore[index]
+                for name in (
+                    "shared_buffers", "synchronous_commit", "fsync", "max_connections",
+                    "work_mem", "max_wal_size",
+                )
+            }
+        cpu = "?"
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        return {
+            "cores": os.cpu_count(),
+            "cpu": cpu,
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
+            "python": platform.python_version(),
+            "postgresql": version,
+            "pg_settings": settings,
+            "platform": platform.platform(),
+        }
+
+
+# --- plain SQL helpers (psycopg, sync) ---------------------------------------------------------
+
+
+def connect(url: str, **kw: Any) -> psycopg.Connection[Any]:
+    return psycopg.connect(libpq_url(url), **kw)
+
+
+def pg_sql(statement: Any) -> str:
+    """An ``outbox.queries`` statement spelt for psycopg (``:name`` -> ``%(name)s``)."""
+    return re.sub(r"(?<!:):(\w+)", r"%(\1)s", str(statement))
+
+
+CLAIM_SQL = pg_sql(queries.CLAIM_DUE)
+MARK_SENT_SQL = pg_sql(queries.MARK_SENT_MANY)
+
+
+def fill_outbox(url: str, n: int, *, topic: str, email: bool, notify: bool = False,
+                sent: bool = False) -> None:
+    """Insert ``n`` due rows in one transaction (``sent``: rows already sent, kept as history)."""
+    from bench.smtpload import SUBJECT, TEXT
+
+    if email:
+        payload = (
+            "jsonb_build_object('to', 'user' || g || '@example.com', 'subject', %(subject)s::text,"
+            " 'text', %(text)s::text)"
+        )
+    else:
+        payload = "'{}'::jsonb"
+    cols, extra = "topic, payload", ""
+    if sent:
+        cols += ", sent_at, attempts, created_at, available_at"
+        extra = ", now() - interval '1 day', 1, now() - interval '1 day', now() - interval '1 day'"
+    with connect(url) as conn:
+        conn.execute(
+            f"INSERT INTO outbox ({cols}) SELECT %(topic)s, {payload}{extra} "  # type: ignore[arg-type]
+            "FROM generate_series(1, %(n)s) AS g",
+            {"topic": topic, "n": n, "subject": SUBJECT, "text": TEXT},
+        )
+    with connect(url, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE outbox" if n >= 50_000 else "ANALYZE outbox")
+        if notify:  # only now: the relays start on fresh statistics, with nothing else running
+            conn.execute("SELECT pg_notify('outbox', '')")
+
+
+def outbox_due(url: str) -> int:
+    with connect(url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM outbox WHERE sent_at IS NULL AND dead_at IS NULL"
+        ).fetchone()
+        return int(row[0])  # type: ignore[index]
+
+
+def wait_drained(url: str, *, timeout: float, every: float = 0.25) -> bool:
+    deadline = time.monotonic() + timeout
+    with connect(url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM outbox WHERE sent_at IS NULL AND dead_at IS NULL)"
+            ).fetchone()
+            if not row[0]:  # type: ignore[index]
+                return True
+            time.sleep(every)
+    return False
+
+
+def sent_times(url: str, table_sql: str = "SELECT extract(epoch FROM sent_at)::float8 FROM outbox "
+               "WHERE sent_at IS NOT NULL AND sent_at > now() - interval '1 hour'") -> list[float]:
+    with connect(url) as conn:
+        return [r[0] for r in conn.execute(table_sql)]  # type: ignore[arg-type]
+
+
+def truncate_outbox(url: str) -> None:
+    with connect(url, autocommit=True) as conn:
+        conn.execute("TRUNCATE outbox")
+
+
+# --- relay processes ---------------------------------------------------------------------------
+
+
+def _rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class Relays:
+    """``n`` real ``outbox relay`` processes (the CLI, as deployed), stderr to a log file."""
+
+    def __init__(
+        self,
+        url: str,
+        smtp_url: str,
+        n: int = 1,
+        *,
+        batch_size: int = 100,
+        concurrency: int = 16,
+        imports: tuple[str, ...] = (),
+        poll_interval: float = 5.0,
+        python: str | None = None,
+        log_dir: Path | None = None,
+    ) -> None:
+        self.url, self.n = url, n
+        self.cmd = [
+            python or sys.executable, "-m", "outbox", "relay",
+            "--batch-size", str(batch_size), "--concurrency", str(concurrency),
+            "--poll-interval", str(poll_interval),
+        ]
+        for module in imports:
+            self.cmd += ["--import", module]
+        self.env = {**os.environ, "DATABASE_URL": url, "SMTP_URL": smtp_url,
+                    "MAIL_FROM": "noreply@example.com"}
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.log_dir = log_dir or (ROOT / "bench" / "results")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._logs: list[Any] = []
+
+    def start(self, *, wait_listening: bool = True, timeout: float = 30.0) -> Relays:
+        for i in range(self.n):
+            logf = open(self.log_dir / f"relay-{i}.log", "ab")
+            self._logs.append(logf)
+            self.procs.append(
+                subprocess.Popen(self.cmd, env=self.env, cwd=ROOT, stdout=logf, stderr=logf)
+            )
+        if wait_listening:
+            self.wait_listening(timeout)
+        return self
+
+    def wait_listening(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with connect(self.url, autocommit=True) as conn:
+            while time.monotonic() < deadline:
+                for p in self.procs:
+                    if p.poll() is not None:
+                        raise RuntimeError(f"relay exited with {p.returncode}; see {self.log_dir}")
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'outbox-listen'"
+                    " AND datname = current_database()"
+                ).fetchone()
+                if row[0] >= self.n:  # type: ignore[index]
+                    return
+                time.sleep(0.05)
+        raise TimeoutError("relays did not start listening")
+
+    def rss_kib(self) -> list[int]:
+        return [_rss_kib(p.pid) for p in self.procs]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for f in self._logs:
+            f.close()
+        self.procs, self._logs = [], []
+
+    def __enter__(self) -> Relays:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextmanager
+def timed(label: str) -> Iterator[None]:
+    started = time.monotonic()
+    log(f"{label} ...")
+    yield
+    log(f"{label}: {time.monotonic() - started:.1f}s")

@@ -1,0 +1,381 @@
+"""The peers in items 3-5: procrastinate and pgqueuer (PostgreSQL queues) and Celery (RabbitMQ).
+
+Each is driven the same way as the relay: the queue is filled in one go, workers drain it, and
+the rate is taken over the 10-90 % window of completion times (the queue's own completion
+timestamps for no-op jobs, the sink's acceptance times for mail). Workers are separate processes,
+as many as the relay gets. procrastinate and pgqueuer workers keep running across fills (a
+batch insert is one statement, so they wake at its commit, like the relays on NOTIFY); Celery's
+are started after the queue is filled, since publishing is one message at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+from bench import smtpload
+from bench.harness import ROOT, Bench, connect, log
+from bench.sink import Sink
+from bench.stats import median, percentile, rate_10_90
+
+PEERS = ["procrastinate", "pgqueuer", "celery"]
+
+
+def _mail(i: int, message_id: str | None = None) -> dict[str, str]:
+    return {**smtpload.email_payload(i), "message_id": message_id or str(uuid.uuid4())}
+
+
+class Peer:
+    name = ""
+    persistent = True
+
+    def __init__(self, url: str, sink: Sink, procs: int) -> None:
+        self.url, self.sink, self.procs = url, sink, procs
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.env = {**os.environ, "BENCH_DATABASE_URL": url, "BENCH_SMTP_URL": sink.url}
+        self.logf = open(ROOT / "bench" / "results" / f"peer-{self.name}.log", "ab")
+
+    def worker_cmds(self) -> list[list[str]]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        for cmd in self.worker_cmds():
+            self.workers.append(subprocess.Popen(cmd, env=self.env, cwd=ROOT, stdout=self.logf,
+                                                 stderr=self.logf))
+        time.sleep(0.5)
+
+    def stop(self) -> None:
+        for p in self.workers:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.workers:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.workers = []
+
+    def setup(self) -> None: ...
+    def reset(self) -> None: ...
+    def fill(self, n: int, email: bool) -> None: ...
+    def done_times(self, n: int, timeout: float) -> list[float]: ...
+
+    def drain(self, n: int, email: bool, timeout: float = 600) -> float:
+        self.reset()
+        self.sink.reset()
+        self.fill(n, email)
+        if not self.persistent:
+            self.start()
+        try:
+            if email:
+                if not self.sink.wait_count(n, timeout):
+                    raise TimeoutError(f"{self.name}: {self.sink.count()} of {n} mails")
+                times, _ = self.sink.records()
+            else:
+                times = self.done_times(n, timeout)
+        finally:
+            if not self.persistent:
+                self.stop()
+        return rate_10_90(times)
+
+    def close(self) -> None:
+        self.stop()
+        self.logf.close()
+
+
+def _poll_sql_times(url: str, done_sql: str, times_sql: str, n: int, timeout: float) -> list[float]:
+    deadline = time.monotonic() + timeout
+    with connect(url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            if conn.execute(done_sql).fetchone()[0] >= n:  # type: ignore[index, arg-type]
+                return [r[0] for r in conn.execute(times_sql)]  # type: ignore[arg-type]
+            time.sleep(0.25)
+    raise TimeoutError(done_sql)
+
+
+def _analyze(url: str) -> None:
+    """Fresh planner statistics after a fill, as the relay's fills get (fair to everyone)."""
+    with connect(url, autocommit=True) as conn:
+        conn.execute("ANALYZE")
+
+
+class Procrastinate(Peer):
+    name = "procrastinate"
+
+    def worker_cmds(self) -> list[list[str]]:
+        return [[sys.executable, "-m", "bench.peer_apps", "procrastinate", "--concurrency", "16"]
+                for _ in range(self.procs)]
+
+    def setup(self) -> None:
+        from bench.peer_apps import procrastinate_app
+
+        async def go() -> None:
+            app = procrastinate_app()
+            async with app.open_async():
+                await app.schema_manager.apply_schema_async()
+
+        os.environ["BENCH_DATABASE_URL"] = self.url
+        asyncio.run(go())
+
+    def reset(self) -> None:
+        with connect(self.url, autocommit=True) as conn:
+            conn.execute("TRUNCATE procrastinate_jobs CASCADE")
+
+    def fill(self, n: int, email: bool) -> None:
+        from bench.peer_apps import procrastinate_app
+
+        async def go() -> None:
+            app = procrastinate_app()
+            async with app.open_async():
+                task = app.tasks["send_mail" if email else "noop"]
+                kwargs = [_mail(i) for i in range(n)] if email else [{}] * n
+                for k in range(0, n, 20000):
+                    await task.batch_defer_async(*kwargs[k: k + 20000])
+
+        os.environ["BENCH_DATABASE_URL"] = self.url
+        asyncio.run(go())
+        _analyze(self.url)
+
+    def done_times(self, n: int, timeout: float) -> list[float]:
+        return _poll_sql_times(
+            self.url,
+            "SELECT count(*) FROM procrastinate_jobs WHERE status = 'succeeded'",
+            "SELECT extract(epoch FROM at)::float8 FROM procrastinate_events"
+            " WHERE type = 'succeeded'", n, timeout)
+
+
+class PgQueuer(Peer):
+    name = "pgqueuer"
+
+    def worker_cmds(self) -> list[list[str]]:
+        return [[sys.executable, "-m", "bench.peer_apps", "pgqueuer", "--batch-size", "100"]
+                for _ in range(self.procs)]
+
+    async def _queries(self) -> Any:
+        import asyncpg
+        from pgqueuer import AsyncpgDriver, Queries
+
+        conn = await asyncpg.connect(self.url)
+        return conn, Queries(AsyncpgDriver(conn))
+
+    def setup(self) -> None:
+        async def go() -> None:
+            conn, q = await self._queries()
+            await q.install()
+            await conn.close()
+
+        asyncio.run(go())
+
+    def reset(self) -> None:
+        with connect(self.url, autocommit=True) as conn:
+            conn.execute("TRUNCATE pgqueuer, pgqueuer_log, pgqueuer_statistics")
+
+    def fill(self, n: int, email: bool) -> None:
+        async def go() -> None:
+            conn, q = await self._queries()
+            for k in range(0, n, 20000):
+                m = min(20000, n - k)
+                if email:
+                    payloads = [json.dumps(_mail(k + i)).encode() for i in range(m)]
+                    await q.enqueue(["send_mail"] * m, payloads, [0] * m)
+                else:
+                    await q.enqueue(["noop"] * m, [None] * m, [0] * m)
+            await conn.close()
+
+        asyncio.run(go())
+        _analyze(self.url)
+
+    def done_times(self, n: int, timeout: float) -> list[float]:
+        return _poll_sql_times(
+            self.url,
+            "SELECT count(*) FROM pgqueuer_log WHERE status = 'successful'",
+            "SELECT extract(epoch FROM created)::float8 FROM pgqueuer_log"
+            " WHERE status = 'successful'", n, timeout)
+
+
+class Celery(Peer):
+    name = "celery"
+    persistent = False
+
+    def __init__(self, url: str, sink: Sink, procs: int) -> None:
+        super().__init__(url, sink, procs)
+        self.env["BENCH_CELERY"] = "1"
+        os.environ["BENCH_CELERY"] = "1"
+        from bench.peer_apps import celery_app
+
+        self.app = celery_app()
+
+    def worker_cmds(self) -> list[list[str]]:
+        return [[sys.executable, "-m", "celery", "-A", "bench.peer_apps", "worker", "-Q", "bench",
+                 "--pool=prefork", "-c", str(self.procs), "--without-gossip", "--without-mingle",
+                 "--without-heartbeat", "-l", "warning", "-n", f"bench{uuid.uuid4().hex[:6]}@%h"]]
+
+    def depth(self) -> int:
+        with self.app.connection_for_write() as conn:
+            return int(conn.default_channel.queue_declare("bench", passive=True).message_count)
+
+    def reset(self) -> None:
+        with self.app.connection_for_write() as conn:
+            conn.default_channel.queue_declare("bench", durable=True, auto_delete=False)
+            conn.default_channel.queue_purge("bench")
+
+    def fill(self, n: int, email: bool) -> None:
+        task = self.app.tasks["send_mail" if email else "noop"]
+        with self.app.producer_or_acquire() as producer:
+            for i in range(n):
+                if email:
+                    task.apply_async(kwargs=_mail(i), producer=producer)
+                else:
+                    task.apply_async(producer=producer)
+
+    def done_times(self, n: int, timeout: float) -> list[float]:
+        # No completion timestamps without a result backend: sample the queue depth instead and
+        # turn it into completion times (10-90 % window as for the others).
+        samples = []
+        deadline = time.monotonic() + timeout
+        with self.app.connection_for_write() as conn:
+            ch = conn.default_channel
+            while time.monotonic() < deadline:
+                left = int(ch.queue_declare("bench", passive=True).message_count)
+                samples.append((time.time(), n - left))
+                if left == 0:
+                    break
+                time.sleep(0.02)
+        times: list[float] = []
+        prev_t, prev_done = samples[0][0], 0
+        for t, done in samples:
+            k = done - prev_done
+            times += [prev_t + (t - prev_t) * (j + 1) / k for j in range(k)] if k > 0 else []
+            prev_t, prev_done = t, done
+        return times
+
+
+CLASSES = {"procrastinate": Procrastinate, "pgqueuer": PgQueuer, "celery": Celery}
+
+
+def throughput(b: Bench, sink: Sink, *, email: bool) -> dict[str, Any]:
+    s = b.sizes
+    out: dict[str, Any] = {}
+    n = s.smtp_total if email else s.queue_total
+    for name in PEERS:
+        if name == "celery" and not s.celery_throughput:
+            out[name] = {"error": "left out of --quick (worker start-up per drain)"}
+            continue
+        m = min(n, 20000) if name == "celery" else n
+        url = b.create_db(f"peer_{name}")
+        peer = CLASSES[name](url, sink, s.queue_procs)
+        try:
+            peer.setup()
+            if peer.persistent:
+                peer.start()
+            m = s.size_for(peer.drain(s.warm, email), m)  # warm-up, and how many to time
+            runs = [peer.drain(m, email) for _ in range(s.runs)]
+            out[name] = {"rate": median(runs), "runs": runs}
+            log(f"peer {name} {'email' if email else 'no-op'}: {median(runs):.0f}/s")
+        except Exception as exc:
+            log(f"peer {name} failed: {exc!r}")
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            peer.close()
+            b.drop_db(url)
+    return out
+
+
+# --- item 5: latency ---------------------------------------------------------------------------
+
+
+def produce(kind: str, url: str, rate: float, seconds: float) -> list[tuple[str, float]]:
+    """In a producer process: offer email jobs at ``rate``; return (message id, enqueued at)."""
+    from bench.ours import open_loop
+
+    done: list[tuple[str, float]] = []
+    os.environ["BENCH_DATABASE_URL"] = url
+
+    if kind == "procrastinate":
+        from bench.peer_apps import procrastinate_app
+
+        async def go() -> None:
+            app = procrastinate_app()
+            async with app.open_async():
+                task = app.tasks["send_mail"]
+
+                async def one(i: int) -> None:
+                    mid = str(uuid.uuid4())
+                    await task.defer_async(**_mail(i, mid))
+                    done.append((mid, time.time()))
+
+                await open_loop(one, rate, seconds)
+
+    elif kind == "pgqueuer":
+        async def go() -> None:
+            import asyncpg
+            from pgqueuer import AsyncpgPoolDriver, Queries
+
+            pool = await asyncpg.create_pool(url, min_size=4, max_size=16)
+            q = Queries(AsyncpgPoolDriver(pool))
+
+            async def one(i: int) -> None:
+                mid = str(uuid.uuid4())
+                await q.enqueue("send_mail", json.dumps(_mail(i, mid)).encode())
+                done.append((mid, time.time()))
+
+            await open_loop(one, rate, seconds)
+            await pool.close()
+
+    else:
+        os.environ["BENCH_CELERY"] = "1"
+        from bench.peer_apps import celery_app
+
+        app = celery_app()
+        task = app.tasks["send_mail"]
+
+        async def go() -> None:
+            async def one(i: int) -> None:
+                mid = str(uuid.uuid4())
+                task.delay(**_mail(i, mid))
+                done.append((mid, time.time()))
+
+            await open_loop(one, rate, seconds)
+
+    asyncio.run(go())
+    return done
+
+
+def latency(b: Bench, sink: Sink) -> dict[str, Any]:
+    from bench.ours import _median_runs, latency_run
+
+    s = b.sizes
+    rate = min(s.latency_rates)
+    out: dict[str, Any] = {}
+    for name in PEERS:
+        url = b.create_db(f"lat_{name}")
+        peer = CLASSES[name](url, sink, 1)
+        try:
+            peer.setup()
+            peer.reset()
+            peer.start()
+            time.sleep(1.5 if name == "celery" else 0.5)
+            latency_run(name, url, sink, 50, 1.0)  # warm-up
+            runs = [latency_run(name, url, sink, rate, s.latency_seconds / s.runs * 2)
+                    for _ in range(max(1, s.runs // 2 + 1))]
+            out[name] = _median_runs(runs)
+            log(f"peer {name} at {rate}/s: p50 {out[name]['p50']:.1f} ms, "
+                f"p99 {out[name]['p99']:.1f} ms")
+        except Exception as exc:
+            log(f"peer {name} latency failed: {exc!r}")
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            peer.close()
+            b.drop_db(url)
+    return out
+
+
+__all__ = ["latency", "percentile", "produce", "throughput"]

@@ -1,0 +1,65 @@
+"""A smoke run of the benchmark suite at tiny sizes, so the bench code cannot rot.
+
+Not a benchmark: nothing here is timed or compared. It runs this project's own scenarios (SMTP
+throughput against the bare client, the no-op queue against the SQL ceiling, the email job,
+end-to-end latency, scale, NOTIFY cost) against real PostgreSQL, relay processes and the bench's
+SMTP sink, and renders the page without charts. The peers (procrastinate, pgqueuer, Celery) and
+matplotlib live only in the bench's own environment (.venv-bench) and are left out here.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from bench import report
+from bench.__main__ import ITEMS, run
+from bench.harness import SIZES
+from bench.sink import Sink
+from bench.stats import percentile, rate_10_90
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def test_rate_window_counts_steps_exactly() -> None:
+    # Ten batches of 100 settled one second apart: 100 messages a second, whatever the steps.
+    times = [float(k) for k in range(10) for _ in range(100)]
+    assert rate_10_90(times) == pytest.approx(100.0)
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0
+
+
+def test_sink_counts_and_records_message_ids() -> None:
+    import smtplib
+
+    with Sink() as sink:
+        with smtplib.SMTP(sink.host, sink.port) as client:
+            client.sendmail(
+                "a@example.com",
+                ["b@example.com"],
+                b"Message-ID: <abc@example.com>\r\nSubject: x\r\n\r\nhello\r\n",
+            )
+        assert sink.wait_count(1, timeout=5)
+        times, ids = sink.records()
+        assert ids == [b"<abc@example.com>"] and len(times) == 1
+
+
+def test_smoke_run_writes_the_page(pg_admin_url: str, tmp_path: Path) -> None:
+    data = run(pg_admin_url, SIZES["smoke"], ITEMS, tmp_path / "results.json")
+    errors = {k: v["error"] for k, v in data["items"].items() if "error" in v}
+    assert not errors
+    items = data["items"]
+    assert all(row["relay"] > 0 and row["ceiling"] > 0 for row in items["smtp"]["rows"])
+    assert all(row["relay"] > 0 and row["sql"] > 0 for row in items["noop"]["rows"])
+    assert items["email"]["rate"] > 0
+    latency = items["latency"]["50"]
+    assert latency["delivered"] == latency["offered"] > 0
+    assert not math.isnan(latency["p99"])
+    assert items["notify"]["with"] > 0 and items["notify"]["without"] > 0
+
+    page = report.write(data, tmp_path / "docs", charts=False)
+    text = page.read_text()
+    for heading in ("## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7.", "## Closing note"):
+        assert heading in text
+    assert "held" in text or "missed" in text
