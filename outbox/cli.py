@@ -236,6 +236,7 @@ def _cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
             retention=args.retention,
+            log_format=args.log_format,
         )
     )
     return 0

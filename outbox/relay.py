@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 import sqlalchemy.exc
@@ -38,6 +38,7 @@ from outbox.message import OutboxMessage
 from outbox.metrics import RelayMetrics
 from outbox.outcome import Dead, Outcome, Retry, Sent, classify, describe
 from outbox.registry import HandlerRegistry
+from outbox.settlelog import LoggingSettleLog, SettledLine, SettleLog
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,12 @@ class BatchResult:
         return self
 
 
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    outcome: Outcome
+    seconds: float
+
+
 @dataclass
 class _Settlement:
     sent_ids: list[int] = field(default_factory=list)
@@ -131,14 +138,27 @@ class _Settlement:
     dead_errors: list[str] = field(default_factory=list)
 
     released: int = 0
+    lines: list[SettledLine] = field(default_factory=list)
 
     @classmethod
-    def of(cls, rows: Sequence[OutboxMessage], outcomes: Sequence[Outcome | None]) -> _Settlement:
+    def of(cls, rows: Sequence[OutboxMessage], attempts: Sequence[_Attempt | None]) -> _Settlement:
         s = cls()
-        for row, outcome in zip(rows, outcomes, strict=True):
+        for row, attempt in zip(rows, attempts, strict=True):
+            if attempt is None:
+                s.released += 1
+                continue
+            outcome = attempt.outcome
+            s.lines.append(
+                SettledLine(
+                    outbox_id=row.id,
+                    topic=row.topic,
+                    attempt=row.attempts + 1,
+                    outcome=_OUTCOME_LABEL[type(outcome)],
+                    duration_ms=attempt.seconds * 1000,
+                    error=None if isinstance(outcome, Sent) else outcome.error,
+                )
+            )
             match outcome:
-                case None:
-                    s.released += 1
                 case Sent(result):
                     s.sent_ids.append(row.id)
                     s.sent_results.append(result)
@@ -192,6 +212,7 @@ class Relay:
         rng: random.Random | None = None,
         listen_dsn: str | None = None,
         metrics: RelayMetrics | None = None,
+        settle_log: SettleLog | None = None,
     ) -> None:
         self.engine = engine
         self.registry = registry
@@ -204,6 +225,8 @@ class Relay:
         self._semaphore = asyncio.Semaphore(self.config.concurrency)
         self.listener: Listener | None = None
         self.metrics = metrics or RelayMetrics()
+        self.settle_log: SettleLog = settle_log or LoggingSettleLog()
+        self._send_seconds_by_topic: dict[str, Any] = {}
         self.listen_connected = False
 
     def _now(self) -> datetime | None:
@@ -221,8 +244,8 @@ class Relay:
                 await conn.rollback()
                 return BatchResult()
             self.metrics.batch_size.observe(len(rows))
-            outcomes = await self._send_all(rows)
-            settlement = _Settlement.of(rows, outcomes)
+            attempts = await self._send_all(rows)
+            settlement = _Settlement.of(rows, attempts)
             # Rows never started (stop requested, or the batch's start deadline passed) are not
             # written at all: the commit releases their locks and they are due again at once.
             # Shielded: a cancel (shutdown) while settling must not leave the batch half-written
@@ -232,10 +255,22 @@ class Relay:
                 await asyncio.shield(settle)
             except asyncio.CancelledError:
                 await settle
+                self._report(settlement)
                 raise
+            self._report(settlement)
             return settlement.result()
 
-    async def _send_all(self, rows: Sequence[OutboxMessage]) -> list[Outcome | None]:
+    def _report(self, settlement: _Settlement) -> None:
+        """After the commit: one line per settled message, and the counters."""
+        self.settle_log.write(settlement.lines)
+        counts: dict[tuple[str, str], int] = {}
+        for line in settlement.lines:
+            key = (line.outcome, line.topic)
+            counts[key] = counts.get(key, 0) + 1
+        for (outcome, topic), n in counts.items():
+            self.metrics.settled.labels(outcome, topic).inc(n)
+
+    async def _send_all(self, rows: Sequence[OutboxMessage]) -> list[_Attempt | None]:
         """Run the batch's handlers, at most ``concurrency`` at a time.
 
         A batch larger than ``concurrency`` sends in waves. A send may only *start* within
@@ -245,16 +280,24 @@ class Relay:
         start in time, or whose turn came after a stop was requested, come back as ``None``.
         """
         start_deadline = time.monotonic() + self.config.send_timeout
+        # A batch no larger than the concurrency needs no gate (a semaphore round trip per
+        # message is measurable on the no-op path).
+        gate = self._semaphore if len(rows) > self.config.concurrency else contextlib.nullcontext()
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(self._dispatch(row, start_deadline)) for row in rows]
+            tasks = [group.create_task(self._dispatch(row, start_deadline, gate)) for row in rows]
         return [task.result() for task in tasks]
 
-    async def _dispatch(self, row: OutboxMessage, start_deadline: float) -> Outcome | None:
+    async def _dispatch(
+        self,
+        row: OutboxMessage,
+        start_deadline: float,
+        gate: contextlib.AbstractAsyncContextManager[Any],
+    ) -> _Attempt | None:
         """Run one handler and turn whatever happens into exactly one outcome; never raises.
 
         ``None``: not attempted (see ``_send_all``); nothing is written for the row.
         """
-        async with self._semaphore:
+        async with gate:
             if self._stopping.is_set() or time.monotonic() > start_deadline:
                 return None
             started = time.perf_counter()
@@ -283,35 +326,15 @@ class Relay:
                 elif not isinstance(exc, SendError | TimeoutError):
                     logger.warning("handler raised %s", describe(exc), exc_info=exc)
             elapsed = time.perf_counter() - started
-            self.metrics.send_seconds.labels(row.topic).observe(elapsed)
-            self.metrics.settled.labels(_OUTCOME_LABEL[type(outcome)], row.topic).inc()
-            duration_ms = elapsed * 1000
-            self._log_outcome(row, outcome, duration_ms)
-            return outcome
+            self._send_seconds(row.topic).observe(elapsed)
+            return _Attempt(outcome, elapsed)
 
-    def _log_outcome(self, row: OutboxMessage, outcome: Outcome, duration_ms: float) -> None:
-        if not logger.isEnabledFor(logging.INFO):
-            return
-        kind = _OUTCOME_LABEL[type(outcome)]
-        error = "" if isinstance(outcome, Sent) else outcome.error
-        logger.info(
-            "%s id=%s topic=%s attempt=%d %.1fms%s",
-            kind,
-            row.id,
-            row.topic,
-            row.attempts + 1,
-            duration_ms,
-            f": {error}" if error else "",
-            extra={
-                "action": "settle_message",
-                "outbox_id": row.id,
-                "topic": row.topic,
-                "attempt": row.attempts + 1,
-                "outcome": kind,
-                "duration_ms": round(duration_ms, 1),
-                "error": error or None,
-            },
-        )
+    def _send_seconds(self, topic: str) -> Any:
+        """The histogram child for ``topic``, cached: ``labels()`` costs a lock and a lookup."""
+        child = self._send_seconds_by_topic.get(topic)
+        if child is None:
+            child = self._send_seconds_by_topic[topic] = self.metrics.send_seconds.labels(topic)
+        return child
 
     async def _settle(self, conn: AsyncConnection, s: _Settlement) -> None:
         now = self._now()

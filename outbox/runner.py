@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -19,6 +20,7 @@ from outbox.mail import EMAIL_TOPIC, SmtpSender
 from outbox.registry import HandlerRegistry, default_registry
 from outbox.relay import BatchResult, Relay, RelayConfig
 from outbox.settings import Settings
+from outbox.settlelog import SettleLog, StreamSettleLog
 from outbox.signals import on_stop
 
 logger = logging.getLogger(__name__)
@@ -28,7 +30,11 @@ PURGE_EVERY_S = 300.0
 
 @contextlib.asynccontextmanager
 async def open_relay(
-    settings: Settings, config: RelayConfig, *, registry: HandlerRegistry | None = None
+    settings: Settings,
+    config: RelayConfig,
+    *,
+    registry: HandlerRegistry | None = None,
+    settle_log: SettleLog | None = None,
 ) -> AsyncIterator[Relay]:
     """A relay with the built-in ``email`` handler plus every ``@outbox.handler`` (which win)."""
     settings.require("database_url", "smtp_url")
@@ -50,7 +56,9 @@ async def open_relay(
     builtin = HandlerRegistry()
     builtin.register(EMAIL_TOPIC, sender)
     handlers = builtin.merged(default_registry).merged(registry or HandlerRegistry())
-    relay = Relay(engine, handlers, config, listen_dsn=engine_libpq_url(engine))
+    relay = Relay(
+        engine, handlers, config, listen_dsn=engine_libpq_url(engine), settle_log=settle_log
+    )
     try:
         yield relay
     finally:
@@ -75,9 +83,15 @@ async def serve_relay(
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
     retention: timedelta | None = None,
+    log_format: str = "text",
 ) -> BatchResult | None:
-    """Run a relay until SIGTERM/SIGINT (or, with ``once``, until nothing is due)."""
-    async with open_relay(settings, config) as relay:
+    """Run a relay until SIGTERM/SIGINT (or, with ``once``, until nothing is due).
+
+    Settled-message lines go straight to stderr in ``log_format``, a batch at a time (see
+    ``outbox.settlelog``); everything else goes through ``logging``.
+    """
+    settle_log = StreamSettleLog(sys.stderr, log_format)
+    async with open_relay(settings, config, settle_log=settle_log) as relay:
         if metrics_port is not None:
             start_http_server(metrics_port, addr=metrics_host, registry=relay.metrics.registry)
         with on_stop(relay.stop):
