@@ -16,7 +16,7 @@ from typing import Any
 
 from bench.harness import DEFAULT_ADMIN_URL, ROOT, SIZES, Bench, log
 
-ITEMS = ["smtp", "noop", "email", "latency", "scale", "notify"]
+ITEMS = ["web", "smtp", "noop", "email", "latency", "scale", "notify"]
 
 
 def run_item(b: Bench, item: str, sink: Any) -> dict[str, Any]:
@@ -63,11 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--full", action="store_const", dest="size", const="full")
     mode.add_argument("--quick", action="store_const", dest="size", const="quick")
     mode.add_argument("--smoke", action="store_const", dest="size", const="smoke")
-    parser.add_argument("--database-url", default=DEFAULT_ADMIN_URL,
-                        help="admin URL of the PostgreSQL to use (bench databases are created "
-                             "and dropped there)")
-    parser.add_argument("--only", default=",".join(ITEMS),
-                        help=f"comma-separated items to run, of {','.join(ITEMS)}")
+    parser.add_argument(
+        "--database-url",
+        default=DEFAULT_ADMIN_URL,
+        help="admin URL of the PostgreSQL to use (bench databases are created and dropped there)",
+    )
+    parser.add_argument(
+        "--only",
+        default=",".join(ITEMS),
+        help=f"comma-separated items to run, of {','.join(ITEMS)}",
+    )
     parser.add_argument("--no-peers", action="store_true", help="only this project's figures")
     parser.add_argument("--out", default=str(ROOT / "docs"), help="where the page and charts go")
     parser.add_argument("--results", default=None, help="JSON results file")
@@ -86,7 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         data = json.loads(results_path.read_text())
     else:
-        data = run(args.database_url, sizes, args.only.split(","), results_path)
+        only = args.only.split(",")
+        previous = None
+        if set(only) != set(ITEMS) and results_path.exists():
+            # Some items only: the others keep their stored results, and the page says so.
+            previous = json.loads(results_path.read_text())
+        data = run(args.database_url, sizes, only, results_path, previous=previous)
     from bench import report
 
     page = report.write(data, out, charts=sizes.charts)
@@ -95,13 +105,31 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def run(admin_url: str, sizes: Any, items: list[str], results_path: Path) -> dict[str, Any]:
+def run(
+    admin_url: str,
+    sizes: Any,
+    items: list[str],
+    results_path: Path,
+    previous: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run ``items``; with ``previous`` (stored results), add to them instead of starting anew."""
     from bench.sink import Sink
 
     b = Bench(admin_url=admin_url, sizes=sizes)
     started = time.time()
-    data: dict[str, Any] = {"size": sizes.name, "machine": b.machine(), "items": {},
-                            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    data: dict[str, Any] = {
+        "size": sizes.name,
+        "machine": b.machine(),
+        "items": {},
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    if previous is not None:
+        data = previous
+        data.setdefault("notes", []).append(
+            f"item(s) {', '.join(items)} run alone, after the rest, with the same --{sizes.name} "
+            f"sizes on {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; their comparisons are all "
+            "within that run."
+        )
     try:
         with Sink() as sink:
             for item in items:
@@ -115,7 +143,8 @@ def run(admin_url: str, sizes: Any, items: list[str], results_path: Path) -> dic
                     traceback.print_exc()
                     data["items"][item] = {"error": f"{type(exc).__name__}: {exc}"}
                 data["items"][item]["seconds"] = round(time.monotonic() - t0, 1)
-                data["seconds"] = round(time.time() - started, 1)
+                if previous is None:
+                    data["seconds"] = round(time.time() - started, 1)
                 results_path.write_text(json.dumps(data, indent=1, default=str))
     finally:
         b.drop_all()

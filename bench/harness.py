@@ -43,13 +43,17 @@ class Sizes:
     scale_rows: tuple[int, ...]  # item 6
     scale_sent_kept: int
     notify_seconds: float  # item 7, per run
-    web_seconds: float  # item 1, per variant
+    web_seconds: float  # item 1, per window (paced, and saturated if web_saturated)
     peers: bool = True
     charts: bool = True
     target_s: float = 3.0  # each timed drain is sized from its warm-up to last about this long
     warm: int = 1000  # messages in a warm-up drain
     celery_throughput: bool = True  # items 3-4: Celery's workers start per drain (slow)
     quiet_batches: tuple[int, ...] = (100,)  # item 3: also measure the relay without its log line
+    web_runs: int = 0  # item 1: timed runs per variant (0: ``runs``)
+    web_warm_s: float = 1.0  # item 1: back-to-back window (the warm-up, and saturated runs)
+    web_saturated: bool = False  # item 1: a back-to-back window per run (else: the warm-up's)
+    web_outage_s: float = 0.0  # item 1: the RabbitMQ outage window (0: not measured)
 
     def size_for(self, rate: float, cap: int, floor: int = 200) -> int:
         """Messages for a timed drain at ``rate``/s (from the warm-up) to last ``target_s``."""
@@ -60,23 +64,66 @@ class Sizes:
 
 SIZES = {
     "smoke": Sizes(
-        "smoke", runs=1, smtp_total=200, relay_procs=(1,), queue_total=600, batch_sizes=(10, 100),
-        queue_procs=1, latency_seconds=1.0, latency_rates=(50,), scale_rows=(500,),
-        scale_sent_kept=500, notify_seconds=0.5, web_seconds=1.0, peers=False, charts=False,
-        target_s=0.3, warm=200,
+        "smoke",
+        runs=1,
+        smtp_total=200,
+        relay_procs=(1,),
+        queue_total=600,
+        batch_sizes=(10, 100),
+        queue_procs=1,
+        latency_seconds=1.0,
+        latency_rates=(50,),
+        scale_rows=(500,),
+        scale_sent_kept=500,
+        notify_seconds=0.5,
+        web_seconds=1.0,
+        web_runs=1,
+        web_warm_s=0.5,
+        peers=False,
+        charts=False,
+        target_s=0.3,
+        warm=200,
     ),
     "quick": Sizes(
-        "quick", runs=3, smtp_total=5000, relay_procs=(1, 2), queue_total=20000,
-        batch_sizes=(10, 100), queue_procs=2, latency_seconds=1.2,
-        latency_rates=(100, 1000), scale_rows=(5_000, 20_000), scale_sent_kept=20_000,
-        notify_seconds=0.7, web_seconds=4.0, target_s=0.4, warm=300, celery_throughput=False,
+        "quick",
+        runs=3,
+        smtp_total=5000,
+        relay_procs=(1, 2),
+        queue_total=20000,
+        batch_sizes=(10, 100),
+        queue_procs=2,
+        latency_seconds=1.2,
+        latency_rates=(100, 1000),
+        scale_rows=(5_000, 20_000),
+        scale_sent_kept=20_000,
+        notify_seconds=0.7,
+        web_seconds=1.5,
+        target_s=0.4,
+        warm=300,
+        celery_throughput=False,
+        web_runs=2,
+        web_warm_s=0.5,
     ),
     "full": Sizes(
-        "full", runs=5, smtp_total=20000, relay_procs=(1, 2, 4), queue_total=100000,
-        batch_sizes=(10, 100, 1000), queue_procs=2, latency_seconds=10.0,
-        latency_rates=(100, 1000), scale_rows=(10_000, 100_000, 1_000_000),
-        scale_sent_kept=1_000_000, notify_seconds=3.0, web_seconds=20.0, target_s=2.0,
-        warm=2000, quiet_batches=(10, 100, 1000),
+        "full",
+        runs=5,
+        smtp_total=20000,
+        relay_procs=(1, 2, 4),
+        queue_total=100000,
+        batch_sizes=(10, 100, 1000),
+        queue_procs=2,
+        latency_seconds=10.0,
+        latency_rates=(100, 1000),
+        scale_rows=(10_000, 100_000, 1_000_000),
+        scale_sent_kept=1_000_000,
+        notify_seconds=3.0,
+        web_seconds=8.0,
+        target_s=2.0,
+        warm=2000,
+        quiet_batches=(10, 100, 1000),
+        web_warm_s=3.0,
+        web_saturated=True,
+        web_outage_s=30.0,
     ),
 }
 
@@ -133,8 +180,12 @@ class Bench:
             settings = {
                 name: conn.execute(f"SHOW {name}").fetchone()[0]  # type: ignore[index]
                 for name in (
-                    "shared_buffers", "synchronous_commit", "fsync", "max_connections",
-                    "work_mem", "max_wal_size",
+                    "shared_buffers",
+                    "synchronous_commit",
+                    "fsync",
+                    "max_connections",
+                    "work_mem",
+                    "max_wal_size",
                 )
             }
         cpu = "?"
@@ -172,8 +223,9 @@ CLAIM_SQL = pg_sql(queries.CLAIM_DUE)
 MARK_SENT_SQL = pg_sql(queries.MARK_SENT_MANY)
 
 
-def fill_outbox(url: str, n: int, *, topic: str, email: bool, notify: bool = False,
-                sent: bool = False) -> None:
+def fill_outbox(
+    url: str, n: int, *, topic: str, email: bool, notify: bool = False, sent: bool = False
+) -> None:
     """Insert ``n`` due rows in one transaction (``sent``: rows already sent, kept as history)."""
     from bench.smtpload import SUBJECT, TEXT
 
@@ -221,8 +273,11 @@ def wait_drained(url: str, *, timeout: float, every: float = 0.25) -> bool:
     return False
 
 
-def sent_times(url: str, table_sql: str = "SELECT extract(epoch FROM sent_at)::float8 FROM outbox "
-               "WHERE sent_at IS NOT NULL AND sent_at > now() - interval '1 hour'") -> list[float]:
+def sent_times(
+    url: str,
+    table_sql: str = "SELECT extract(epoch FROM sent_at)::float8 FROM outbox "
+    "WHERE sent_at IS NOT NULL AND sent_at > now() - interval '1 hour'",
+) -> list[float]:
     with connect(url) as conn:
         return [r[0] for r in conn.execute(table_sql)]  # type: ignore[arg-type]
 
@@ -263,14 +318,25 @@ class Relays:
     ) -> None:
         self.url, self.n = url, n
         self.cmd = [
-            python or sys.executable, "-m", "outbox", "relay",
-            "--batch-size", str(batch_size), "--concurrency", str(concurrency),
-            "--poll-interval", str(poll_interval),
+            python or sys.executable,
+            "-m",
+            "outbox",
+            "relay",
+            "--batch-size",
+            str(batch_size),
+            "--concurrency",
+            str(concurrency),
+            "--poll-interval",
+            str(poll_interval),
         ]
         for module in imports:
             self.cmd += ["--import", module]
-        self.env = {**os.environ, "DATABASE_URL": url, "SMTP_URL": smtp_url,
-                    "MAIL_FROM": "noreply@example.com"}
+        self.env = {
+            **os.environ,
+            "DATABASE_URL": url,
+            "SMTP_URL": smtp_url,
+            "MAIL_FROM": "noreply@example.com",
+        }
         self.procs: list[subprocess.Popen[bytes]] = []
         self.log_dir = log_dir or (ROOT / "bench" / "results")
         self.log_dir.mkdir(parents=True, exist_ok=True)

@@ -85,8 +85,10 @@ def item2_smtp(b: Bench, sink: Sink) -> dict[str, Any]:
             "ceiling_runs": ceiling,
             "relay_runs": relay,
         }
-        log(f"item 2: {procs} proc(s): relay {row['relay']:.0f}/s, bare {row['ceiling']:.0f}/s"
-            f" -> {row['ratio']:.0%}")
+        log(
+            f"item 2: {procs} proc(s): relay {row['relay']:.0f}/s, bare {row['ceiling']:.0f}/s"
+            f" -> {row['ratio']:.0%}"
+        )
         out["rows"].append(row)
     b.drop_db(url)
     return out
@@ -107,7 +109,8 @@ def _sql_worker(url: str, batch: int, go: Any) -> None:
                 return
             ids = [r[0] for r in rows]
             conn.execute(
-                MARK_SENT_SQL, {"ids": ids, "results": [None] * len(ids), "now": None},
+                MARK_SENT_SQL,
+                {"ids": ids, "results": [None] * len(ids), "now": None},
                 prepare=True,
             )
             conn.commit()
@@ -137,32 +140,56 @@ def item3_noop(b: Bench, sink: Sink) -> dict[str, Any]:
         relay, quiet, ceiling = [], [], []
         floor = batch * 20  # enough batches for the 10-90 % window to mean something
         warm_n = max(s.warm, floor)
-        with Relays(url, sink.url, s.queue_procs, batch_size=batch, concurrency=RELAY_CONCURRENCY,
-                    imports=("bench.noop",), poll_interval=30):
+        with Relays(
+            url,
+            sink.url,
+            s.queue_procs,
+            batch_size=batch,
+            concurrency=RELAY_CONCURRENCY,
+            imports=("bench.noop",),
+            poll_interval=30,
+        ):
             n = s.size_for(relay_drain(url, warm_n, email=False, sink=None), s.queue_total, floor)
-            n_sql = s.size_for(sql_ceiling(url, warm_n, procs=s.queue_procs, batch=batch),
-                               s.queue_total, floor)
+            n_sql = s.size_for(
+                sql_ceiling(url, warm_n, procs=s.queue_procs, batch=batch), s.queue_total, floor
+            )
             for _ in range(s.runs):
                 ceiling.append(sql_ceiling(url, n_sql, procs=s.queue_procs, batch=batch))
                 relay.append(relay_drain(url, n, email=False, sink=None))
         # The proposed change, measured: the same relay with its per-message INFO line off.
         quiet_relays: Any = contextlib.nullcontext()
         if batch in s.quiet_batches:
-            quiet_relays = Relays(url, sink.url, s.queue_procs, batch_size=batch,
-                                  concurrency=RELAY_CONCURRENCY,
-                                  imports=("bench.noop", "bench.quiet"), poll_interval=30)
+            quiet_relays = Relays(
+                url,
+                sink.url,
+                s.queue_procs,
+                batch_size=batch,
+                concurrency=RELAY_CONCURRENCY,
+                imports=("bench.noop", "bench.quiet"),
+                poll_interval=30,
+            )
         with quiet_relays:
             if batch in s.quiet_batches:
-                n_q = s.size_for(relay_drain(url, warm_n, email=False, sink=None),
-                                 s.queue_total, floor)
+                n_q = s.size_for(
+                    relay_drain(url, warm_n, email=False, sink=None), s.queue_total, floor
+                )
                 for _ in range(s.runs):
                     quiet.append(relay_drain(url, n_q, email=False, sink=None))
-        row = {"batch": batch, "relay": median(relay), "sql": median(ceiling),
-               "ratio": ratio(median(relay), median(ceiling)), "relay_runs": relay,
-               "sql_runs": ceiling, "quiet": median(quiet), "quiet_runs": quiet,
-               "quiet_ratio": ratio(median(quiet), median(ceiling))}
-        log(f"item 3: batch {batch}: relay {row['relay']:.0f}/s, SQL {row['sql']:.0f}/s"
-            f" -> {row['ratio']:.0%}")
+        row = {
+            "batch": batch,
+            "relay": median(relay),
+            "sql": median(ceiling),
+            "ratio": ratio(median(relay), median(ceiling)),
+            "relay_runs": relay,
+            "sql_runs": ceiling,
+            "quiet": median(quiet),
+            "quiet_runs": quiet,
+            "quiet_ratio": ratio(median(quiet), median(ceiling)),
+        }
+        log(
+            f"item 3: batch {batch}: relay {row['relay']:.0f}/s, SQL {row['sql']:.0f}/s"
+            f" -> {row['ratio']:.0%}"
+        )
         rows.append(row)
     b.drop_db(url)
     return {"rows": rows, "procs": s.queue_procs}
@@ -178,8 +205,9 @@ def item4_email_ours(b: Bench, sink: Sink) -> dict[str, Any]:
     with Relays(url, sink.url, s.queue_procs, concurrency=RELAY_CONCURRENCY, poll_interval=30):
         n = s.size_for(relay_drain(url, s.warm, email=True, sink=sink), s.smtp_total)
         for _ in range(s.runs):
-            ceiling.append(smtpload.bare(sink, procs=s.queue_procs, conns=RELAY_CONCURRENCY,
-                                         total=n))
+            ceiling.append(
+                smtpload.bare(sink, procs=s.queue_procs, conns=RELAY_CONCURRENCY, total=n)
+            )
             rates.append(relay_drain(url, n, email=True, sink=sink))
     b.drop_db(url)
     log(f"item 4: relay email {median(rates):.0f}/s (bare {median(ceiling):.0f}/s)")
@@ -245,8 +273,9 @@ def latency_run(kind: str, url: str, sink: Sink, rate: float, seconds: float) ->
     for _ in range(nprod):
         parent, child = ctx.Pipe()
         pipes.append(parent)
-        ps.append(ctx.Process(target=_producer_proc,
-                              args=(kind, url, rate / nprod, seconds, child)))
+        ps.append(
+            ctx.Process(target=_producer_proc, args=(kind, url, rate / nprod, seconds, child))
+        )
     for p in ps:
         p.start()
     try:
@@ -265,9 +294,14 @@ def latency_run(kind: str, url: str, sink: Sink, rate: float, seconds: float) ->
     lat = [(accepted[mid] - t) * 1000 for mid, t in committed if mid in accepted]
     span = max(t for _, t in committed) - min(t for _, t in committed) if committed else 0
     return {
-        "p50": percentile(lat, 50), "p95": percentile(lat, 95), "p99": percentile(lat, 99),
-        "max": max(lat) if lat else float("nan"), "delivered": len(lat), "offered": n,
-        "achieved_rate": (n - 1) / span if span else float("nan"), "producers": nprod,
+        "p50": percentile(lat, 50),
+        "p95": percentile(lat, 95),
+        "p99": percentile(lat, 99),
+        "max": max(lat) if lat else float("nan"),
+        "delivered": len(lat),
+        "offered": n,
+        "achieved_rate": (n - 1) / span if span else float("nan"),
+        "producers": nprod,
     }
 
 
@@ -282,16 +316,20 @@ def item5_latency_ours(b: Bench, sink: Sink) -> dict[str, Any]:
         try:
             with Relays(url, sink.url, procs, concurrency=RELAY_CONCURRENCY, poll_interval=5):
                 latency_run("outbox", url, sink, 50, 1.0)  # warm-up
-                runs = [latency_run("outbox", url, sink, rate, s.latency_seconds / s.runs * 2)
-                        for _ in range(max(1, s.runs // 2 + 1))]
+                runs = [
+                    latency_run("outbox", url, sink, rate, s.latency_seconds / s.runs * 2)
+                    for _ in range(max(1, s.runs // 2 + 1))
+                ]
         except Exception as exc:  # keep the other rate and the peers
             log(f"item 5: outbox at {rate}/s failed: {exc!r}")
             out[f"error_{rate}"] = f"{type(exc).__name__}: {exc}"
             continue
         out[str(rate)] = _median_runs(runs)
         out[str(rate)]["relays"] = procs
-        log(f"item 5: outbox at {rate}/s: p50 {out[str(rate)]['p50']:.1f} ms, "
-            f"p99 {out[str(rate)]['p99']:.1f} ms")
+        log(
+            f"item 5: outbox at {rate}/s: p50 {out[str(rate)]['p50']:.1f} ms, "
+            f"p99 {out[str(rate)]['p99']:.1f} ms"
+        )
     b.drop_db(url)
     return out
 
@@ -312,8 +350,9 @@ def _drain_with_memory(url: str, relays: Relays, n: int) -> tuple[list[float], l
     with connect(url, autocommit=True) as conn:
         while time.monotonic() < deadline:
             rss.append(sum(relays.rss_kib()))
-            row = conn.execute("SELECT EXISTS (SELECT 1 FROM outbox WHERE sent_at IS NULL"
-                               " AND dead_at IS NULL)").fetchone()
+            row = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM outbox WHERE sent_at IS NULL AND dead_at IS NULL)"
+            ).fetchone()
             if not row[0]:  # type: ignore[index]
                 break
             time.sleep(0.5)
@@ -326,8 +365,14 @@ def item6_scale(b: Bench, sink: Sink) -> dict[str, Any]:
     url = b.create_db("scale")
     rows = []
     memory: dict[str, Any] = {}
-    with Relays(url, sink.url, s.queue_procs, concurrency=RELAY_CONCURRENCY,
-                imports=("bench.noop",), poll_interval=30) as relays:
+    with Relays(
+        url,
+        sink.url,
+        s.queue_procs,
+        concurrency=RELAY_CONCURRENCY,
+        imports=("bench.noop",),
+        poll_interval=30,
+    ) as relays:
         relay_drain(url, s.warm, email=False, sink=None)  # warm-up
         for n in s.scale_rows:
             big = n >= 500_000 or n == max(s.scale_rows)
@@ -339,12 +384,17 @@ def item6_scale(b: Bench, sink: Sink) -> dict[str, Any]:
                 rates.append(rate_10_90(times))
                 if big:
                     window_rates = _window_rates(times)
-                    memory = {"rows": n, "rss_mib": [r / 1024 for r in rss],
-                              "start_mib": rss[0] / 1024, "peak_mib": max(rss) / 1024,
-                              "end_mib": rss[-1] / 1024}
+                    memory = {
+                        "rows": n,
+                        "rss_mib": [r / 1024 for r in rss],
+                        "start_mib": rss[0] / 1024,
+                        "peak_mib": max(rss) / 1024,
+                        "end_mib": rss[-1] / 1024,
+                    }
             rate = median(window_rates) if big else median(rates)
-            rows.append({"rows": n, "kept_sent": 0, "rate": rate, "runs": rates,
-                         "windows": window_rates})
+            rows.append(
+                {"rows": n, "kept_sent": 0, "rate": rate, "runs": rates, "windows": window_rates}
+            )
             log(f"item 6: {n} due rows: {rate:.0f}/s")
         # The same with a long history of sent rows kept in the table.
         n = s.scale_rows[min(1, len(s.scale_rows) - 1)]
@@ -360,8 +410,15 @@ def item6_scale(b: Bench, sink: Sink) -> dict[str, Any]:
             if not wait_drained(url, timeout=900):
                 raise TimeoutError("scale drain")
             rates.append(rate_10_90(sent_times(url)))
-        rows.append({"rows": n, "kept_sent": s.scale_sent_kept, "rate": median(rates),
-                     "runs": rates, "windows": []})
+        rows.append(
+            {
+                "rows": n,
+                "kept_sent": s.scale_sent_kept,
+                "rate": median(rates),
+                "runs": rates,
+                "windows": [],
+            }
+        )
         log(f"item 6: {n} due rows with {s.scale_sent_kept} sent kept: {median(rates):.0f}/s")
     b.drop_db(url)
     return {"rows": rows, "memory": memory, "procs": s.queue_procs}
@@ -375,7 +432,7 @@ def _window_rates(times: list[float], windows: int = 8) -> list[float]:
     step = (hi - lo) // windows
     rates = []
     for k in range(windows):
-        chunk = ordered[lo + k * step: lo + (k + 1) * step]
+        chunk = ordered[lo + k * step : lo + (k + 1) * step]
         if len(chunk) > 10 and chunk[-1] > chunk[0]:
             rates.append((len(chunk) - 1) / (chunk[-1] - chunk[0]))
     return rates
@@ -390,8 +447,7 @@ async def _writer(url: str, notify: bool, seconds: float, tasks: int) -> int:
     from outbox.schema import NOTIFY_CHANNEL
 
     insert = pg_sql(queries.INSERT_MESSAGE_NOTIFY if notify else queries.INSERT_MESSAGE)
-    user_sql = ("INSERT INTO users (email, password_hash) VALUES (%(email)s, %(hash)s) "
-                "RETURNING id")
+    user_sql = "INSERT INTO users (email, password_hash) VALUES (%(email)s, %(hash)s) RETURNING id"
     count = 0
     stop_at = time.monotonic() + seconds
 
@@ -400,13 +456,25 @@ async def _writer(url: str, notify: bool, seconds: float, tasks: int) -> int:
         async with await psycopg.AsyncConnection.connect(url) as conn:
             while time.monotonic() < stop_at:
                 async with conn.transaction():
-                    cur = await conn.execute(user_sql, {"email": f"{uuid.uuid4().hex}@example.com",
-                                                        "hash": "$argon2id$v=19$bench"})
+                    cur = await conn.execute(
+                        user_sql,
+                        {
+                            "email": f"{uuid.uuid4().hex}@example.com",
+                            "hash": "$argon2id$v=19$bench",
+                        },
+                    )
                     user_id = (await cur.fetchone())[0]  # type: ignore[index]
-                    await conn.execute(insert, {
-                        "topic": "email", "available_at": None, "channel": NOTIFY_CHANNEL,
-                        "payload": json.dumps({"to": f"u{user_id}@example.com", "subject": "s",
-                                               "text": "t"})})
+                    await conn.execute(
+                        insert,
+                        {
+                            "topic": "email",
+                            "available_at": None,
+                            "channel": NOTIFY_CHANNEL,
+                            "payload": json.dumps(
+                                {"to": f"u{user_id}@example.com", "subject": "s", "text": "t"}
+                            ),
+                        },
+                    )
                 count += 1
 
     await asyncio.gather(*(loop() for _ in range(tasks)))
@@ -427,8 +495,11 @@ def insert_rate(
     for _ in range(procs):
         parent, child = ctx.Pipe()
         pipes.append(parent)
-        ps.append(ctx.Process(target=_writer_proc,
-                              args=(url, notify, seconds, writers // procs, go, child)))
+        ps.append(
+            ctx.Process(
+                target=_writer_proc, args=(url, notify, seconds, writers // procs, go, child)
+            )
+        )
     for p in ps:
         p.start()
     time.sleep(0.5)
@@ -462,9 +533,15 @@ def item7_notify(b: Bench, sink: Sink) -> dict[str, Any]:
     stop.set()
     thread.join(5)
     b.drop_db(url)
-    out = {"with": median(with_n), "without": median(without),
-           "cost": 1 - ratio(median(with_n), median(without)),
-           "with_runs": with_n, "without_runs": without}
-    log(f"item 7: {out['without']:.0f} tx/s without NOTIFY, {out['with']:.0f} with "
-        f"({out['cost']:.1%} cost)")
+    out = {
+        "with": median(with_n),
+        "without": median(without),
+        "cost": 1 - ratio(median(with_n), median(without)),
+        "with_runs": with_n,
+        "without_runs": without,
+    }
+    log(
+        f"item 7: {out['without']:.0f} tx/s without NOTIFY, {out['with']:.0f} with "
+        f"({out['cost']:.1%} cost)"
+    )
     return out

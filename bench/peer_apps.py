@@ -46,8 +46,9 @@ def procrastinate_app() -> Any:
 async def run_procrastinate(concurrency: int) -> None:
     app = procrastinate_app()
     async with app.open_async():
-        await app.run_worker_async(queues=[QUEUE], concurrency=concurrency,
-                                   install_signal_handlers=True)
+        await app.run_worker_async(
+            queues=[QUEUE], concurrency=concurrency, install_signal_handlers=True
+        )
 
 
 # --- pgqueuer ----------------------------------------------------------------------------------

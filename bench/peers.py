@@ -47,8 +47,9 @@ class Peer:
 
     def start(self) -> None:
         for cmd in self.worker_cmds():
-            self.workers.append(subprocess.Popen(cmd, env=self.env, cwd=ROOT, stdout=self.logf,
-                                                 stderr=self.logf))
+            self.workers.append(
+                subprocess.Popen(cmd, env=self.env, cwd=ROOT, stdout=self.logf, stderr=self.logf)
+            )
         time.sleep(0.5)
 
     def stop(self) -> None:
@@ -111,8 +112,10 @@ class Procrastinate(Peer):
     name = "procrastinate"
 
     def worker_cmds(self) -> list[list[str]]:
-        return [[sys.executable, "-m", "bench.peer_apps", "procrastinate", "--concurrency", "16"]
-                for _ in range(self.procs)]
+        return [
+            [sys.executable, "-m", "bench.peer_apps", "procrastinate", "--concurrency", "16"]
+            for _ in range(self.procs)
+        ]
 
     def setup(self) -> None:
         from bench.peer_apps import procrastinate_app
@@ -138,7 +141,7 @@ class Procrastinate(Peer):
                 task = app.tasks["send_mail" if email else "noop"]
                 kwargs = [_mail(i) for i in range(n)] if email else [{}] * n
                 for k in range(0, n, 20000):
-                    await task.batch_defer_async(*kwargs[k: k + 20000])
+                    await task.batch_defer_async(*kwargs[k : k + 20000])
 
         os.environ["BENCH_DATABASE_URL"] = self.url
         asyncio.run(go())
@@ -149,15 +152,20 @@ class Procrastinate(Peer):
             self.url,
             "SELECT count(*) FROM procrastinate_jobs WHERE status = 'succeeded'",
             "SELECT extract(epoch FROM at)::float8 FROM procrastinate_events"
-            " WHERE type = 'succeeded'", n, timeout)
+            " WHERE type = 'succeeded'",
+            n,
+            timeout,
+        )
 
 
 class PgQueuer(Peer):
     name = "pgqueuer"
 
     def worker_cmds(self) -> list[list[str]]:
-        return [[sys.executable, "-m", "bench.peer_apps", "pgqueuer", "--batch-size", "100"]
-                for _ in range(self.procs)]
+        return [
+            [sys.executable, "-m", "bench.peer_apps", "pgqueuer", "--batch-size", "100"]
+            for _ in range(self.procs)
+        ]
 
     async def _queries(self) -> Any:
         import asyncpg
@@ -198,7 +206,10 @@ class PgQueuer(Peer):
             self.url,
             "SELECT count(*) FROM pgqueuer_log WHERE status = 'successful'",
             "SELECT extract(epoch FROM created)::float8 FROM pgqueuer_log"
-            " WHERE status = 'successful'", n, timeout)
+            " WHERE status = 'successful'",
+            n,
+            timeout,
+        )
 
 
 class Celery(Peer):
@@ -214,9 +225,28 @@ class Celery(Peer):
         self.app = celery_app()
 
     def worker_cmds(self) -> list[list[str]]:
-        return [[sys.executable, "-m", "celery", "-A", "bench.peer_apps", "worker", "-Q", "bench",
-                 "--pool=prefork", "-c", str(self.procs), "--without-gossip", "--without-mingle",
-                 "--without-heartbeat", "-l", "warning", "-n", f"bench{uuid.uuid4().hex[:6]}@%h"]]
+        return [
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "bench.peer_apps",
+                "worker",
+                "-Q",
+                "bench",
+                "--pool=prefork",
+                "-c",
+                str(self.procs),
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "-l",
+                "warning",
+                "-n",
+                f"bench{uuid.uuid4().hex[:6]}@%h",
+            ]
+        ]
 
     def depth(self) -> int:
         with self.app.connection_for_write() as conn:
@@ -315,6 +345,7 @@ def produce(kind: str, url: str, rate: float, seconds: float) -> list[tuple[str,
                 await open_loop(one, rate, seconds)
 
     elif kind == "pgqueuer":
+
         async def go() -> None:
             import asyncpg
             from pgqueuer import AsyncpgPoolDriver, Queries
@@ -364,11 +395,15 @@ def latency(b: Bench, sink: Sink) -> dict[str, Any]:
             peer.start()
             time.sleep(1.5 if name == "celery" else 0.5)
             latency_run(name, url, sink, 50, 1.0)  # warm-up
-            runs = [latency_run(name, url, sink, rate, s.latency_seconds / s.runs * 2)
-                    for _ in range(max(1, s.runs // 2 + 1))]
+            runs = [
+                latency_run(name, url, sink, rate, s.latency_seconds / s.runs * 2)
+                for _ in range(max(1, s.runs // 2 + 1))
+            ]
             out[name] = _median_runs(runs)
-            log(f"peer {name} at {rate}/s: p50 {out[name]['p50']:.1f} ms, "
-                f"p99 {out[name]['p99']:.1f} ms")
+            log(
+                f"peer {name} at {rate}/s: p50 {out[name]['p50']:.1f} ms, "
+                f"p99 {out[name]['p99']:.1f} ms"
+            )
         except Exception as exc:
             log(f"peer {name} latency failed: {exc!r}")
             out[name] = {"error": f"{type(exc).__name__}: {exc}"}

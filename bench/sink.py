@@ -24,9 +24,7 @@ from array import array
 from multiprocessing.connection import Connection
 from typing import Any
 
-_EHLO = (
-    b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 10485760\r\n"
-)
+_EHLO = b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 10485760\r\n"
 
 
 class _State:

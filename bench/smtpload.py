@@ -26,7 +26,8 @@ def sample_mail(i: int = 0, message_id: str | None = None) -> tuple[str, list[st
     from outbox.mail import render_email
 
     mail = render_email(
-        email_payload(i), message_id=uuid.UUID(message_id) if message_id else uuid.uuid4(),
+        email_payload(i),
+        message_id=uuid.UUID(message_id) if message_id else uuid.uuid4(),
         mail_from="noreply@example.com",
     )
     return mail.sender, mail.recipients, mail.data
