@@ -49,7 +49,6 @@ class Sizes:
     target_s: float = 3.0  # each timed drain is sized from its warm-up to last about this long
     warm: int = 1000  # messages in a warm-up drain
     celery_throughput: bool = True  # items 3-4: Celery's workers start per drain (slow)
-    quiet_batches: tuple[int, ...] = (100,)  # item 3: also measure the relay without its log line
     web_runs: int = 0  # item 1: timed runs per variant (0: ``runs``)
     web_warm_s: float = 1.0  # item 1: back-to-back window (the warm-up, and saturated runs)
     web_saturated: bool = False  # item 1: a back-to-back window per run (else: the warm-up's)
@@ -120,7 +119,6 @@ SIZES = {
         web_seconds=8.0,
         target_s=2.0,
         warm=2000,
-        quiet_batches=(10, 100, 1000),
         web_warm_s=3.0,
         web_saturated=True,
         web_outage_s=30.0,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import multiprocessing
 import threading
@@ -137,7 +136,8 @@ def item3_noop(b: Bench, sink: Sink) -> dict[str, Any]:
     url = b.create_db("noop")
     rows = []
     for batch in s.batch_sizes:
-        relay, quiet, ceiling = [], [], []
+        relay: list[float] = []
+        ceiling: list[float] = []
         floor = batch * 20  # enough batches for the 10-90 % window to mean something
         warm_n = max(s.warm, floor)
         with Relays(
@@ -156,25 +156,6 @@ def item3_noop(b: Bench, sink: Sink) -> dict[str, Any]:
             for _ in range(s.runs):
                 ceiling.append(sql_ceiling(url, n_sql, procs=s.queue_procs, batch=batch))
                 relay.append(relay_drain(url, n, email=False, sink=None))
-        # The proposed change, measured: the same relay with its per-message INFO line off.
-        quiet_relays: Any = contextlib.nullcontext()
-        if batch in s.quiet_batches:
-            quiet_relays = Relays(
-                url,
-                sink.url,
-                s.queue_procs,
-                batch_size=batch,
-                concurrency=RELAY_CONCURRENCY,
-                imports=("bench.noop", "bench.quiet"),
-                poll_interval=30,
-            )
-        with quiet_relays:
-            if batch in s.quiet_batches:
-                n_q = s.size_for(
-                    relay_drain(url, warm_n, email=False, sink=None), s.queue_total, floor
-                )
-                for _ in range(s.runs):
-                    quiet.append(relay_drain(url, n_q, email=False, sink=None))
         row = {
             "batch": batch,
             "relay": median(relay),
@@ -182,9 +163,6 @@ def item3_noop(b: Bench, sink: Sink) -> dict[str, Any]:
             "ratio": ratio(median(relay), median(ceiling)),
             "relay_runs": relay,
             "sql_runs": ceiling,
-            "quiet": median(quiet),
-            "quiet_runs": quiet,
-            "quiet_ratio": ratio(median(quiet), median(ceiling)),
         }
         log(
             f"item 3: batch {batch}: relay {row['relay']:.0f}/s, SQL {row['sql']:.0f}/s"
