@@ -227,7 +227,6 @@ class Relay:
         self.metrics = metrics or RelayMetrics()
         self.settle_log: SettleLog = settle_log or LoggingSettleLog()
         self._send_seconds_by_topic: dict[str, Any] = {}
-        self.listen_connected = False
 
     def _now(self) -> datetime | None:
         return self._clock() if self._clock is not None else None
@@ -245,9 +244,9 @@ class Relay:
                 return BatchResult()
             self.metrics.batch_size.observe(len(rows))
             attempts = await self._send_all(rows)
-            settlement = _Settlement.of(rows, attempts)
             # Rows never started (stop requested, or the batch's start deadline passed) are not
             # written at all: the commit releases their locks and they are due again at once.
+            settlement = _Settlement.of(rows, attempts)
             # Shielded: a cancel (shutdown) while settling must not leave the batch half-written
             # or, worse, sent but unmarked. If we are cancelled, wait for the settle to finish.
             settle = asyncio.ensure_future(self._settle(conn, settlement))
@@ -255,9 +254,7 @@ class Relay:
                 await asyncio.shield(settle)
             except asyncio.CancelledError:
                 await settle
-                self._report(settlement)
                 raise
-            self._report(settlement)
             return settlement.result()
 
     def _report(self, settlement: _Settlement) -> None:
@@ -344,6 +341,7 @@ class Relay:
         )
         await queries.mark_dead_many(conn, ids=s.dead_ids, errors=s.dead_errors, now=now)
         await conn.commit()
+        self._report(s)
 
     # --- loops -------------------------------------------------------------------------------
 
@@ -404,7 +402,9 @@ class Relay:
         """
         listener_task = None
         if self._listen_dsn is not None:
-            self.listener = Listener(self._listen_dsn, self._wake, on_state=self._on_listen_state)
+            self.listener = Listener(
+                self._listen_dsn, self._wake, on_state=self.metrics.on_listen_state
+            )
             listener_task = asyncio.create_task(self.listener.run(), name="outbox-listener")
         loop_task = asyncio.create_task(self._loop(), name="outbox-relay-loop")
         stop_task = asyncio.create_task(self._stopping.wait())
@@ -458,10 +458,6 @@ class Relay:
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
-
-    def _on_listen_state(self, connected: bool) -> None:
-        self.listen_connected = connected
-        self.metrics.on_listen_state(connected)
 
     def _log_reconnect(self, state: RetryCallState) -> None:
         self.metrics.db_reconnects.inc()

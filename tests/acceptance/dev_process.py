@@ -5,15 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
 from outbox.capture import free_port
-from tests.acceptance.cli_helpers import OUTBOX, cli_env
+from tests.acceptance.cli_helpers import OUTBOX, cli_env, wait_healthy
 
 
 @contextmanager
@@ -32,18 +29,7 @@ def running_dev(cwd: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"outbox dev exited early: {proc.communicate()[1][-2000:]}")
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("outbox dev did not answer within 90 s")
-            time.sleep(0.2)
+        wait_healthy(base, proc, timeout=90)
         yield base, proc
     finally:
         if proc.poll() is None:

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
-
 from outbox.capture import free_port
-from tests.acceptance.cli_helpers import cli_env, start_cli
+from tests.acceptance.cli_helpers import cli_env, start_cli, wait_healthy
 
 SCHEMATHESIS = str(Path(sys.executable).with_name("schemathesis"))
 # Every check about the server's own answers. Left out: positive_data_acceptance, because
@@ -41,16 +38,7 @@ def test_openapi_schemathesis_finds_no_failure(db_url: str, tmp_path: Path) -> N
     server = start_cli("web", "--port", str(port), env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None, server.communicate()[1]
-            assert time.monotonic() < deadline, "outbox web did not start"
-            time.sleep(0.2)
+        wait_healthy(base, server, timeout=30)
         result = subprocess.run(
             [
                 SCHEMATHESIS,
