@@ -208,6 +208,9 @@ def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
+    from outbox.signals import hold_stop_signals
+
+    hold_stop_signals()  # a SIGTERM while still starting stops the relay cleanly, not by death
     from outbox.runner import serve_relay
 
     config = RelayConfig(

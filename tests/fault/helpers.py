@@ -106,8 +106,18 @@ class RelayProcess:
             self.proc.kill()
         self.proc.wait(timeout=10)
 
+    def wait_started(self, timeout: float = 30) -> None:
+        """Wait until the relay says it is running.
+
+        Before our code runs the interpreter is still loading, and a signal has its default
+        effect; a test of the graceful stop must not race that. (A stop while our code is still
+        starting is graceful too, and has a test of its own in test_shutdown.py.)
+        """
+        wait_until(lambda: "relay running" in self.log(), timeout, "relay running", alive=[self])
+
     def terminate_and_wait(self, timeout: float) -> tuple[int, float]:
-        """SIGTERM; return (exit code, seconds it took to exit)."""
+        """SIGTERM once the relay has started; return (exit code, seconds it took to exit)."""
+        self.wait_started()
         started = time.monotonic()
         self.signal(signal.SIGTERM)
         code = self.proc.wait(timeout=timeout)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +16,7 @@ from tests.fault.helpers import (
     RelayFactory,
     env_int,
     insert_emails,
+    scalar,
     scaled,
     sent_message_ids,
     sql,
@@ -93,3 +96,28 @@ def test_sigterm_mid_batch_exits_zero_and_leaves_no_half_state(
         assert delivered.duplicates == 0
         if len(sent) == n:
             break
+
+
+def test_sigterm_while_still_starting_exits_zero_and_claims_nothing(
+    db_url: str, smtp_server: CaptureServer, relays: RelayFactory, tmp_path: Path
+) -> None:
+    """A supervisor may stop a relay that is still importing or connecting (a rolling deploy):
+    that is a clean stop too, not a death by signal, and no message is touched."""
+    insert_emails(db_url, 20)
+    started_marker = tmp_path / "importing"
+    (tmp_path / "slow_handlers.py").write_text(
+        f"import pathlib, time\npathlib.Path({str(started_marker)!r}).touch()\ntime.sleep(3)\n"
+    )
+    relay = relays.start(
+        db_url, smtp_server.url, "--import", "slow_handlers", PYTHONPATH=str(tmp_path)
+    )
+    wait_until(started_marker.exists, 30, "the relay to import its handlers", alive=[relay])
+    assert "relay running" not in relay.log()
+    relay.signal(signal.SIGTERM)
+    code = relay.proc.wait(timeout=30)
+
+    assert code == 0, relay.log_tail()
+    assert "relay stopped" in relay.log()
+    assert smtp_server.mails == [] and smtp_server.data_attempts == 0
+    untouched = "SELECT count(*) FROM outbox WHERE attempts = 0 AND sent_at IS NULL"
+    assert scalar(db_url, untouched) == 20
