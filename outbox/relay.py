@@ -222,7 +222,6 @@ class Relay:
         self._listen_dsn = listen_dsn
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._semaphore = asyncio.Semaphore(self.config.concurrency)
         self.listener: Listener | None = None
         self.metrics = metrics or RelayMetrics()
         self.settle_log: SettleLog = settle_log or LoggingSettleLog()
@@ -270,61 +269,59 @@ class Relay:
     async def _send_all(self, rows: Sequence[OutboxMessage]) -> list[_Attempt | None]:
         """Run the batch's handlers, at most ``concurrency`` at a time.
 
-        A batch larger than ``concurrency`` sends in waves. A send may only *start* within
-        ``send_timeout`` of the claim, and runs for at most ``send_timeout``, so a batch holds its
-        locks for at most twice that, whatever the batch size and however slow the mail server
+        ``concurrency`` workers take the rows in claim order, one after the other, so a batch
+        larger than that sends in waves without a task or a semaphore per message (both are
+        measurable on the no-op path). A send may only *start* within ``send_timeout`` of the
+        claim, and runs for at most ``send_timeout``, so a batch holds its locks for at most
+        twice that, whatever the batch size and however slow the mail server
         (``RelayConfig.idle_in_transaction_timeout`` relies on this bound). Rows that could not
         start in time, or whose turn came after a stop was requested, come back as ``None``.
         """
         start_deadline = time.monotonic() + self.config.send_timeout
-        # A batch no larger than the concurrency needs no gate (a semaphore round trip per
-        # message is measurable on the no-op path).
-        gate = self._semaphore if len(rows) > self.config.concurrency else contextlib.nullcontext()
+        attempts: list[_Attempt | None] = [None] * len(rows)
+        turns = iter(enumerate(rows))
+
+        async def worker() -> None:
+            for index, row in turns:
+                if self._stopping.is_set() or time.monotonic() > start_deadline:
+                    return  # this row and those nobody took stay None: released
+                attempts[index] = await self._attempt(row)
+
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(self._dispatch(row, start_deadline, gate)) for row in rows]
-        return [task.result() for task in tasks]
+            for _ in range(min(self.config.concurrency, len(rows))):
+                group.create_task(worker())
+        return attempts
 
-    async def _dispatch(
-        self,
-        row: OutboxMessage,
-        start_deadline: float,
-        gate: contextlib.AbstractAsyncContextManager[Any],
-    ) -> _Attempt | None:
-        """Run one handler and turn whatever happens into exactly one outcome; never raises.
-
-        ``None``: not attempted (see ``_send_all``); nothing is written for the row.
-        """
-        async with gate:
-            if self._stopping.is_set() or time.monotonic() > start_deadline:
-                return None
-            started = time.perf_counter()
-            try:
-                handler = self.registry.get(row.topic)
-                async with asyncio.timeout(self.config.send_timeout):
-                    result = await handler(row)
-                outcome: Outcome = Sent(result)
-            except Exception as exc:
-                outcome = classify(
+    async def _attempt(self, row: OutboxMessage) -> _Attempt:
+        """Run one handler and turn whatever happens into exactly one outcome; never raises."""
+        started = time.perf_counter()
+        try:
+            handler = self.registry.get(row.topic)
+            async with asyncio.timeout(self.config.send_timeout):
+                result = await handler(row)
+            outcome: Outcome = Sent(result)
+        except Exception as exc:
+            outcome = classify(
+                exc,
+                attempts=row.attempts + 1,
+                max_attempts=self.config.max_attempts,
+                backoff_base=self.config.backoff_base,
+                backoff_cap=self.config.backoff_cap,
+                rng=self._rng,
+            )
+            if isinstance(exc, AmbiguousSendError):
+                self.metrics.ambiguous.inc()
+                logger.warning(
+                    "ambiguous send id=%s: %s",
+                    row.id,
                     exc,
-                    attempts=row.attempts + 1,
-                    max_attempts=self.config.max_attempts,
-                    backoff_base=self.config.backoff_base,
-                    backoff_cap=self.config.backoff_cap,
-                    rng=self._rng,
+                    extra={"action": "ambiguous_send", "outbox_id": row.id},
                 )
-                if isinstance(exc, AmbiguousSendError):
-                    self.metrics.ambiguous.inc()
-                    logger.warning(
-                        "ambiguous send id=%s: %s",
-                        row.id,
-                        exc,
-                        extra={"action": "ambiguous_send", "outbox_id": row.id},
-                    )
-                elif not isinstance(exc, SendError | TimeoutError):
-                    logger.warning("handler raised %s", describe(exc), exc_info=exc)
-            elapsed = time.perf_counter() - started
-            self._send_seconds(row.topic).observe(elapsed)
-            return _Attempt(outcome, elapsed)
+            elif not isinstance(exc, SendError | TimeoutError):
+                logger.warning("handler raised %s", describe(exc), exc_info=exc)
+        elapsed = time.perf_counter() - started
+        self._send_seconds(row.topic).observe(elapsed)
+        return _Attempt(outcome, elapsed)
 
     def _send_seconds(self, topic: str) -> Any:
         """The histogram child for ``topic``, cached: ``labels()`` costs a lock and a lookup."""

@@ -313,3 +313,28 @@ async def test_relay_releases_rows_it_could_not_start_within_the_send_timeout(
     )
     assert stored["untouched"] == result.released
     assert (await relay.drain()).sent == result.released  # due again at once
+
+
+async def test_a_batch_runs_exactly_concurrency_handlers_at_once(engine: AsyncEngine) -> None:
+    """A batch larger than --concurrency keeps that many sends in flight, never more."""
+    in_flight = 0
+    most = 0
+
+    async def slow(message: object) -> None:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+
+    registry = HandlerRegistry()
+    registry.register("slow", slow)
+    async with engine.begin() as conn:
+        for n in range(40):
+            await enqueue(conn, topic="slow", payload={"n": n})
+    relay = Relay(engine, registry, RelayConfig(batch_size=40, concurrency=4))
+
+    result = await relay.run_once()
+
+    assert result.sent == 40
+    assert most == 4
