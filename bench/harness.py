@@ -218,6 +218,7 @@ def pg_sql(statement: Any) -> str:
 
 
 CLAIM_SQL = pg_sql(queries.CLAIM_DUE)
+CLAIM_AFTER_SQL = pg_sql(queries.CLAIM_DUE_AFTER)
 MARK_SENT_SQL = pg_sql(queries.MARK_SENT_MANY)
 
 

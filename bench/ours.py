@@ -14,6 +14,7 @@ import psycopg
 
 from bench import smtpload
 from bench.harness import (
+    CLAIM_AFTER_SQL,
     CLAIM_SQL,
     MARK_SENT_SQL,
     Bench,
@@ -27,6 +28,7 @@ from bench.harness import (
 )
 from bench.sink import Sink
 from bench.stats import median, percentile, rate_10_90, ratio
+from outbox.claim import RESCAN_EVERY_S
 
 RELAY_CONCURRENCY = 16
 
@@ -97,15 +99,27 @@ def item2_smtp(b: Bench, sink: Sink) -> dict[str, Any]:
 
 
 def _sql_worker(url: str, batch: int, go: Any) -> None:
+    """Claim and settle as the relay does, resume point included (see ``outbox.claim``)."""
     with connect(url) as conn:
         conn.execute("SELECT 1")
         conn.commit()
         go.wait()
+        after: tuple[Any, int] | None = None
+        rescan_at = 0.0
         while True:
-            rows = conn.execute(CLAIM_SQL, {"limit": batch, "now": None}, prepare=True).fetchall()
+            rows = []
+            if after is not None and time.monotonic() < rescan_at:
+                params = {"limit": batch, "now": None, "after_at": after[0], "after_id": after[1]}
+                rows = conn.execute(CLAIM_AFTER_SQL, params, prepare=True).fetchall()
+            if not rows:
+                rows = conn.execute(
+                    CLAIM_SQL, {"limit": batch, "now": None}, prepare=True
+                ).fetchall()
+                rescan_at = time.monotonic() + RESCAN_EVERY_S
             if not rows:
                 conn.rollback()
                 return
+            after = (rows[-1][6], rows[-1][0]) if len(rows) == batch else None
             ids = [r[0] for r in rows]
             conn.execute(
                 MARK_SENT_SQL,

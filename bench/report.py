@@ -242,7 +242,8 @@ def write(data: dict[str, Any], out: Path, *, charts: bool = True) -> Path:
             "each; pgqueuer: 2 workers, batch size 100; Celery: RabbitMQ, prefork pool of 2, "
             "acks and prefetch at their defaults, no result backend; relay: 2 `outbox relay`). "
             "The SQL ceiling is a psycopg loop running the "
-            "relay's own `CLAIM_DUE` and `MARK_SENT_MANY` statements with no relay code."
+            "relay's own `CLAIM_DUE` / `CLAIM_DUE_AFTER` (resuming where the last full batch "
+            "stopped, as `outbox.claim` does) and `MARK_SENT_MANY` statements with no relay code."
         )
         add("")
         add("| batch size | relay /s | SQL ceiling /s | relay / SQL |")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -71,14 +72,21 @@ async def insert_message(
 SELECT_NOW = text("SELECT statement_timestamp()")
 
 
-# --- CLAIM_DUE --------------------------------------------------------------------------------
+# --- CLAIM_DUE / CLAIM_DUE_AFTER ---------------------------------------------------------------
 # The oldest due rows, locked for this transaction. Walks ix_outbox_due (partial on "unsent and not
 # dead") in (available_at, id) order and stops after :limit rows, so its cost does not grow with
 # the number of sent rows kept. SKIP LOCKED makes concurrent relays take disjoint batches instead
 # of queueing behind each other's locks; a row is never handed to two relays at once.
+#
+# CLAIM_DUE_AFTER is the same claim started where the previous batch stopped, for draining a
+# backlog. Rows settled since the last VACUUM leave dead entries at the front of ix_outbox_due
+# that every claim from the start must step over (measured: 500,000 of them make a claim of 100
+# rows read ~1,900 index pages and take ~5 ms instead of 0.2 ms); the row comparison is an index
+# condition, so this claim descends straight to its starting point. ``outbox.claim`` decides when
+# a claim may start there, and how rows behind that point are still found.
 CLAIM_DUE = text(
     """
-    SELECT id, message_id, topic, payload, attempts, created_at
+    SELECT id, message_id, topic, payload, attempts, created_at, available_at
     FROM outbox
     WHERE sent_at IS NULL AND dead_at IS NULL
       AND available_at <= coalesce(CAST(:now AS timestamptz), statement_timestamp())
@@ -87,13 +95,46 @@ CLAIM_DUE = text(
     FOR UPDATE SKIP LOCKED
     """
 )
+CLAIM_DUE_AFTER = text(
+    """
+    SELECT id, message_id, topic, payload, attempts, created_at, available_at
+    FROM outbox
+    WHERE sent_at IS NULL AND dead_at IS NULL
+      AND available_at <= coalesce(CAST(:now AS timestamptz), statement_timestamp())
+      AND (available_at, id) > (CAST(:after_at AS timestamptz), CAST(:after_id AS bigint))
+    ORDER BY available_at, id
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+    """
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimPosition:
+    """A point in ix_outbox_due's (available_at, id) order: where a claim stopped."""
+
+    available_at: datetime
+    id: int
 
 
 async def claim_due(
-    conn: AsyncConnection, *, limit: int, now: datetime | None
-) -> list[OutboxMessage]:
-    result = await conn.execute(CLAIM_DUE, {"limit": limit, "now": now})
-    return [OutboxMessage(*row) for row in result]
+    conn: AsyncConnection,
+    *,
+    limit: int,
+    now: datetime | None,
+    after: ClaimPosition | None = None,
+) -> tuple[list[OutboxMessage], ClaimPosition | None]:
+    """The claimed rows, and the position of the last one (``None`` when none was claimed)."""
+    if after is None:
+        result = await conn.execute(CLAIM_DUE, {"limit": limit, "now": now})
+    else:
+        params = {"limit": limit, "now": now, "after_at": after.available_at, "after_id": after.id}
+        result = await conn.execute(CLAIM_DUE_AFTER, params)
+    rows = result.all()
+    if not rows:
+        return [], None
+    last = rows[-1]
+    return [OutboxMessage(*row[:6]) for row in rows], ClaimPosition(last[6], last[0])
 
 
 # --- MARK_SENT_MANY / MARK_RETRY_MANY / MARK_DEAD_MANY ----------------------------------------

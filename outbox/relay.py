@@ -32,6 +32,7 @@ from tenacity import (
 )
 
 from outbox import queries
+from outbox.claim import ClaimCursor
 from outbox.errors import AmbiguousSendError, ConfigError, SendError
 from outbox.listener import Listener
 from outbox.message import OutboxMessage
@@ -226,6 +227,7 @@ class Relay:
         self.metrics = metrics or RelayMetrics()
         self.settle_log: SettleLog = settle_log or LoggingSettleLog()
         self._send_seconds_by_topic: dict[str, Any] = {}
+        self._cursor = ClaimCursor()
 
     def _now(self) -> datetime | None:
         return self._clock() if self._clock is not None else None
@@ -237,7 +239,7 @@ class Relay:
         async with self.engine.connect() as conn:
             now = due_before or self._now()
             with self.metrics.claim_seconds.time():
-                rows = await queries.claim_due(conn, limit=self.config.batch_size, now=now)
+                rows = await self._cursor.claim(conn, limit=self.config.batch_size, now=now)
             if not rows:
                 await conn.rollback()
                 return BatchResult()
