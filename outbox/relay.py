@@ -40,6 +40,7 @@ from outbox.metrics import RelayMetrics
 from outbox.outcome import Dead, Outcome, Retry, Sent, classify, describe
 from outbox.registry import HandlerRegistry
 from outbox.settlelog import LoggingSettleLog, SettledLine, SettleLog
+from outbox.watchdog import SendWatchdog
 
 logger = logging.getLogger(__name__)
 
@@ -282,48 +283,69 @@ class Relay:
         start_deadline = time.monotonic() + self.config.send_timeout
         attempts: list[_Attempt | None] = [None] * len(rows)
         turns = iter(enumerate(rows))
+        watchdog = SendWatchdog(self.config.send_timeout)
 
         async def worker() -> None:
+            task = asyncio.current_task()
+            assert task is not None
             for index, row in turns:
                 if self._stopping.is_set() or time.monotonic() > start_deadline:
                     return  # this row and those nobody took stay None: released
-                attempts[index] = await self._attempt(row)
+                attempts[index] = await self._attempt(row, watchdog, task)
 
-        async with asyncio.TaskGroup() as group:
-            for _ in range(min(self.config.concurrency, len(rows))):
-                group.create_task(worker())
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(min(self.config.concurrency, len(rows))):
+                    group.create_task(worker())
+        finally:
+            watchdog.close()
         return attempts
 
-    async def _attempt(self, row: OutboxMessage) -> _Attempt:
-        """Run one handler and turn whatever happens into exactly one outcome; never raises."""
+    async def _attempt(
+        self, row: OutboxMessage, watchdog: SendWatchdog, task: asyncio.Task[Any]
+    ) -> _Attempt:
+        """Run one handler and turn whatever happens into exactly one outcome.
+
+        Raises only a cancellation that is not the watchdog's (the relay is being shut down).
+        """
         started = time.perf_counter()
+        watchdog.start(task)
         try:
             handler = self.registry.get(row.topic)
-            async with asyncio.timeout(self.config.send_timeout):
-                result = await handler(row)
-            outcome: Outcome = Sent(result)
+            outcome: Outcome = Sent(await handler(row))
+        except asyncio.CancelledError:
+            if not watchdog.timed_out(task):
+                raise
+            outcome = self._failed(row, TimeoutError())
         except Exception as exc:
-            outcome = classify(
-                exc,
-                attempts=row.attempts + 1,
-                max_attempts=self.config.max_attempts,
-                backoff_base=self.config.backoff_base,
-                backoff_cap=self.config.backoff_cap,
-                rng=self._rng,
-            )
-            if isinstance(exc, AmbiguousSendError):
-                self.metrics.ambiguous.inc()
-                logger.warning(
-                    "ambiguous send id=%s: %s",
-                    row.id,
-                    exc,
-                    extra={"action": "ambiguous_send", "outbox_id": row.id},
-                )
-            elif not isinstance(exc, SendError | TimeoutError):
-                logger.warning("handler raised %s", describe(exc), exc_info=exc)
+            outcome = self._failed(row, exc)
+        finally:
+            watchdog.finish(task)
         elapsed = time.perf_counter() - started
         self._send_seconds(row.topic).observe(elapsed)
         return _Attempt(outcome, elapsed)
+
+    def _failed(self, row: OutboxMessage, exc: Exception) -> Outcome:
+        """The outcome of a send that raised ``exc``: retry or dead, logged when unexpected."""
+        outcome = classify(
+            exc,
+            attempts=row.attempts + 1,
+            max_attempts=self.config.max_attempts,
+            backoff_base=self.config.backoff_base,
+            backoff_cap=self.config.backoff_cap,
+            rng=self._rng,
+        )
+        if isinstance(exc, AmbiguousSendError):
+            self.metrics.ambiguous.inc()
+            logger.warning(
+                "ambiguous send id=%s: %s",
+                row.id,
+                exc,
+                extra={"action": "ambiguous_send", "outbox_id": row.id},
+            )
+        elif not isinstance(exc, SendError | TimeoutError):
+            logger.warning("handler raised %s", describe(exc), exc_info=exc)
+        return outcome
 
     def _send_seconds(self, topic: str) -> Any:
         """The histogram child for ``topic``, cached: ``labels()`` costs a lock and a lookup."""

@@ -338,3 +338,69 @@ async def test_a_batch_runs_exactly_concurrency_handlers_at_once(engine: AsyncEn
 
     assert result.sent == 40
     assert most == 4
+
+
+async def test_a_send_past_the_send_timeout_is_cut_off_and_retried_while_the_rest_go_out(
+    engine: AsyncEngine,
+) -> None:
+    async def handler(message: object) -> None:
+        from outbox.message import OutboxMessage
+
+        assert isinstance(message, OutboxMessage)
+        if message.payload["n"] == 1:
+            await asyncio.sleep(30)  # hangs
+        if message.payload["n"] == 2:
+            try:
+                await asyncio.sleep(30)  # hangs, and swallows the first cancellation
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.05)
+
+    registry = HandlerRegistry()
+    registry.register("t", handler)
+    async with engine.begin() as conn:
+        for n in range(6):
+            await enqueue(conn, topic="t", payload={"n": n})
+    relay = Relay(engine, registry, RelayConfig(batch_size=6, concurrency=3, send_timeout=0.3))
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+
+    result = await relay.run_once()
+
+    assert loop.time() - began < 2.0
+    assert (result.sent, result.retried) == (5, 1)
+    stored = await row(
+        engine,
+        "SELECT attempts, sent_at IS NULL AS unsent, last_error FROM outbox "
+        "WHERE payload->>'n' = '1'",
+    )
+    assert stored["attempts"] == 1 and stored["unsent"]
+    assert "did not finish within the timeout" in str(stored["last_error"])
+    # The worker that hit the timeout is not left cancelled: the next batch runs normally.
+    async with engine.begin() as conn:
+        await enqueue(conn, topic="t", payload={"n": 99})
+    assert (await relay.run_once()).sent == 1
+
+
+async def test_cancelling_a_batch_with_a_hanging_send_rolls_it_back(engine: AsyncEngine) -> None:
+    """A shutdown's cancellation is not taken for a send timeout (see also test_watchdog)."""
+    registry = HandlerRegistry()
+
+    async def hang(message: object) -> None:
+        await asyncio.sleep(30)
+
+    registry.register("t", hang)
+    async with engine.begin() as conn:
+        await enqueue(conn, topic="t", payload={})
+    relay = Relay(engine, registry, RelayConfig(send_timeout=5))
+    batch = asyncio.create_task(relay.run_once())
+    await asyncio.sleep(0.2)
+    batch.cancel()
+
+    try:
+        await batch
+    except asyncio.CancelledError:
+        pass
+    else:  # pragma: no cover - the assertion below explains
+        raise AssertionError("run_once finished instead of being cancelled")
+    stored = await row(engine, "SELECT attempts, sent_at FROM outbox")
+    assert stored["attempts"] == 0 and stored["sent_at"] is None

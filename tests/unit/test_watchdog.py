@@ -1,0 +1,108 @@
+"""SendWatchdog: one timer per batch cuts off late sends and never swallows a shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from outbox.watchdog import SendWatchdog
+
+
+async def guarded_send(watchdog: SendWatchdog, seconds: float, *, swallow: bool = False) -> str:
+    """What the relay's ``_attempt`` does around a handler, with a sleep as the handler."""
+    task = asyncio.current_task()
+    assert task is not None
+    watchdog.start(task)
+    try:
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            if not swallow:
+                raise
+        return "done"
+    except asyncio.CancelledError:
+        if not watchdog.timed_out(task):
+            raise
+        return "timed out"
+    finally:
+        watchdog.finish(task)
+
+
+async def test_a_late_send_is_cut_off_at_its_deadline_and_its_task_goes_on() -> None:
+    watchdog = SendWatchdog(0.1)
+    began = time.monotonic()
+
+    async def worker() -> list[str]:
+        first = await guarded_send(watchdog, 30)
+        second = await guarded_send(watchdog, 0.01)  # the same task, not left cancelled
+        return [first, second]
+
+    task = asyncio.create_task(worker())
+    assert await task == ["timed out", "done"]
+    assert 0.09 <= time.monotonic() - began < 1.0
+    assert task.cancelling() == 0
+    watchdog.close()
+
+
+async def test_each_send_gets_its_own_deadline_not_the_batchs() -> None:
+    """A send that starts late is measured from its own start."""
+    watchdog = SendWatchdog(0.3)
+
+    async def worker() -> list[str]:
+        return [await guarded_send(watchdog, 0.2), await guarded_send(watchdog, 0.2)]
+
+    assert await asyncio.create_task(worker()) == ["done", "done"]
+    watchdog.close()
+
+
+async def test_quick_sends_are_never_cancelled() -> None:
+    watchdog = SendWatchdog(0.05)
+
+    async def worker() -> set[str]:
+        outcomes = set()
+        for _ in range(2000):
+            outcomes.add(await guarded_send(watchdog, 0))
+        return outcomes
+
+    assert await asyncio.create_task(worker()) == {"done"}
+    watchdog.close()
+
+
+async def test_a_send_that_swallows_the_cut_off_leaves_its_task_uncancelled() -> None:
+    watchdog = SendWatchdog(0.05)
+
+    async def worker() -> str:
+        return await guarded_send(watchdog, 30, swallow=True)
+
+    task = asyncio.create_task(worker())
+    assert await task == "done"
+    assert task.cancelling() == 0
+    watchdog.close()
+
+
+async def test_a_shutdown_cancel_that_meets_the_cut_off_still_cancels() -> None:
+    watchdog = SendWatchdog(0.05)
+    task = asyncio.create_task(guarded_send(watchdog, 30))
+    await asyncio.sleep(0)  # the send has started
+    time.sleep(0.1)  # past its deadline, without letting the loop run
+    await asyncio.sleep(0)  # the loop runs us, then the overdue timer: the task is cut off...
+    await asyncio.sleep(0)  # (we run again before the task does)
+    task.cancel()  # ...and, before it runs again, shut down
+    assert task.cancelling() == 2  # both cancellations are pending at once
+
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    watchdog.close()
+
+
+async def test_a_shutdown_cancel_before_the_deadline_is_not_taken_for_a_timeout() -> None:
+    watchdog = SendWatchdog(10)
+    task = asyncio.create_task(guarded_send(watchdog, 30))
+    await asyncio.sleep(0.05)
+    task.cancel()
+
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    watchdog.close()
