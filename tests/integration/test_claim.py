@@ -36,6 +36,13 @@ def tags(rows: list[OutboxMessage]) -> list[str]:
     return [row.payload["tag"] for row in rows]
 
 
+async def mark_sent(conn: AsyncConnection, rows: list[OutboxMessage]) -> None:
+    await conn.execute(
+        text("UPDATE outbox SET sent_at = :now WHERE id = ANY(:ids)"),
+        {"now": NOW, "ids": [r.id for r in rows]},
+    )
+
+
 async def test_claims_resume_after_a_full_batch_and_find_a_late_row_before_reporting_none(
     engine: AsyncEngine,
 ) -> None:
@@ -49,11 +56,7 @@ async def test_claims_resume_after_a_full_batch_and_find_a_late_row_before_repor
         async with engine.begin() as conn:
             rows = await cursor.claim(conn, limit=3, now=NOW)
             claimed.append(tags(rows))
-            if rows:
-                await conn.execute(
-                    text("UPDATE outbox SET sent_at = :now WHERE id = ANY(:ids)"),
-                    {"now": NOW, "ids": [r.id for r in rows]},
-                )
+            await mark_sent(conn, rows)
             if step == 0:  # committed with this batch: behind the resume point it leaves
                 await insert(conn, "late", T0 - timedelta(seconds=1))
 
@@ -70,10 +73,7 @@ async def test_a_full_claim_is_made_every_rescan_interval_even_while_a_backlog_l
     async def claim() -> list[str]:
         async with engine.begin() as conn:
             rows = await cursor.claim(conn, limit=3, now=NOW)
-            await conn.execute(
-                text("UPDATE outbox SET sent_at = :now WHERE id = ANY(:ids)"),
-                {"now": NOW, "ids": [r.id for r in rows]},
-            )
+            await mark_sent(conn, rows)
             return tags(rows)
 
     assert await claim() == ["b0", "b1", "b2"]
