@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,6 +299,19 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
+def stop_processes(procs: Sequence[subprocess.Popen[bytes]], grace: float = 20.0) -> None:
+    """SIGTERM all at once (so they stop in parallel), then SIGKILL whatever outlives ``grace``."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 class Relays:
     """``n`` real ``outbox relay`` processes (the CLI, as deployed), stderr to a log file."""
 
@@ -372,15 +385,7 @@ class Relays:
         return [_rss_kib(p.pid) for p in self.procs]
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.procs)
         for f in self._logs:
             f.close()
         self.procs, self._logs = [], []

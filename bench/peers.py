@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import uuid
 from typing import Any
 
 from bench import smtpload
-from bench.harness import ROOT, Bench, connect, log
+from bench.harness import ROOT, Bench, connect, log, stop_processes
 from bench.sink import Sink
 from bench.stats import median, percentile, rate_10_90
 
@@ -53,15 +52,7 @@ class Peer:
         time.sleep(0.5)
 
     def stop(self) -> None:
-        for p in self.workers:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.workers:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.workers)
         self.workers = []
 
     def setup(self) -> None: ...

@@ -41,7 +41,7 @@ from typing import Any
 
 import httpx
 
-from bench.harness import ROOT, Bench, Relays, connect, log
+from bench.harness import ROOT, Bench, Relays, connect, log, stop_processes
 from bench.sink import Sink
 from bench.stats import median, percentile
 
@@ -171,15 +171,7 @@ class Server:
         return self.sink.count()
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.procs)
         if self.relays is not None:
             self.relays.stop()
         self.sink.stop()

@@ -10,12 +10,13 @@ relay and route its logs themselves; the ``outbox relay`` command uses ``StreamS
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, TextIO
+
+from outbox import logs
 
 logger = logging.getLogger("outbox.relay")
 
@@ -59,12 +60,12 @@ class LoggingSettleLog:
         if not logger.isEnabledFor(logging.INFO):
             return
         for line in lines:
-            level = logging.INFO if line.outcome == "sent" else logging.WARNING
+            level = logging.getLevelName(_level(line))
             logger.log(level, "%s", line.text(), extra=line.fields())
 
 
 class StreamSettleLog:
-    """Lines straight to a stream, in the same shapes as ``outbox.logs`` (text or JSON)."""
+    """Lines straight to a stream, in the shapes of ``outbox.logs`` (text or JSON)."""
 
     def __init__(self, stream: TextIO, log_format: str = "text") -> None:
         self._stream = stream
@@ -73,30 +74,19 @@ class StreamSettleLog:
     def write(self, lines: Sequence[SettledLine]) -> None:
         if not lines:
             return
-        now = time.time()
+        now = time.time()  # one time stamp for the batch: its lines are written together
         if self._json:
-            ts = (
-                time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
-                + f".{int(now % 1 * 1000):03d}+00:00"
-            )
+            stamp = logs.json_stamp(now)
             out = [
-                json.dumps(
-                    {
-                        "ts": ts,
-                        "level": "info" if line.outcome == "sent" else "warning",
-                        "logger": "outbox.relay",
-                        "message": line.text(),
-                        **{k: v for k, v in line.fields().items() if v is not None},
-                    }
-                )
+                logs.json_line(stamp, _level(line), logger.name, line.text(), line.fields())
                 for line in lines
             ]
         else:
-            stamp = time.strftime("%H:%M:%S", time.localtime(now))
-            out = [
-                f"{stamp} {'INFO' if line.outcome == 'sent' else 'WARNING':<7} outbox.relay: "
-                f"{line.text()}"
-                for line in lines
-            ]
+            stamp = logs.text_stamp(now)
+            out = [logs.text_line(stamp, _level(line), logger.name, line.text()) for line in lines]
         self._stream.write("\n".join(out) + "\n")
         self._stream.flush()
+
+
+def _level(line: SettledLine) -> str:
+    return "INFO" if line.outcome == "sent" else "WARNING"
