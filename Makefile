@@ -6,10 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: dev test lint fault install clean bench bench-quick
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml web/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' -e ./web
 	touch $(STAMP)
 
 install: $(STAMP)

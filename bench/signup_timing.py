@@ -23,7 +23,7 @@ import httpx
 import psycopg
 
 from outbox import migrate
-from outbox.capture import free_port
+from web.capture import free_port
 from outbox.settings import libpq_url
 
 OUTBOX = str(Path(sys.executable).with_name("outbox"))

@@ -63,7 +63,7 @@ class Server:
     """One variant: its database, its slow sink, its uvicorn process (and relay or worker)."""
 
     def __init__(self, b: Bench, kind: str) -> None:
-        from outbox.capture import free_port
+        from web.capture import free_port
 
         self.kind = kind
         self.url = b.create_db(f"web_{kind}")

@@ -20,10 +20,10 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from outbox import migrate
-from outbox.capture import CaptureServer
 from outbox.db import create_engine as create_async_engine
 from outbox.settings import libpq_url, normalise_database_url
+from web import migrate
+from web.capture import CaptureServer
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,7 +14,7 @@ from html import escape
 from urllib.parse import urlencode
 
 from outbox.message import EmailPayload
-from outbox.settings import Settings
+from web.settings import Settings
 
 # An automatic message: tells auto-responders not to answer (RFC 3834).
 _HEADERS = {"Auto-Submitted": "auto-generated"}
@@ -22,12 +22,12 @@ _HEADERS = {"Auto-Submitted": "auto-generated"}
 
 def verify_link(settings: Settings, token: str) -> str:
     """``{BASE_URL}/users/verify?token=...``"""
-    return f"{settings.base_url}/users/verify?{urlencode({'token': token})}"
+    return f"{settings.link_base}/users/verify?{urlencode({'token': token})}"
 
 
 def resend_link(settings: Settings) -> str:
     """The page with the "send the link again" form."""
-    return f"{settings.base_url}/users/register#resend"
+    return f"{settings.link_base}/users/register#resend"
 
 
 def verification_subject(settings: Settings) -> str:

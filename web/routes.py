@@ -54,7 +54,7 @@ def _page(
         request,
         name,
         site_name=settings.site_name,
-        secure_cookie=settings.base_url.startswith("https://"),
+        secure_cookie=settings.link_base.startswith("https://"),
         status_code=status_code,
         **context,
     )

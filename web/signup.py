@@ -17,8 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from outbox.enqueue import enqueue
 from outbox.message import EmailPayload
-from outbox.settings import Settings
 from web.mails import already_registered_mail, verification_mail
+from web.settings import Settings
 from web.tokens import make_token
 from web.users import User, create_user, find_user
 

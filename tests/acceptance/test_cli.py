@@ -10,9 +10,9 @@ import httpx
 import psycopg
 import pytest
 
-from outbox.capture import CaptureServer
 from outbox.settings import libpq_url
 from tests.acceptance.cli_helpers import cli_env, run_cli, start_cli
+from web.capture import CaptureServer
 
 
 def insert_emails(db_url: str, count: int) -> None:
@@ -163,7 +163,7 @@ def test_cli_relay_sigterm_exits_zero_and_leaves_nothing_half_done(
 
 
 def test_cli_relay_metrics_port_and_json_log_lines(db_url: str, smtp_server: CaptureServer) -> None:
-    from outbox.capture import free_port
+    from web.capture import free_port
 
     insert_emails(db_url, 5)
     port = free_port()

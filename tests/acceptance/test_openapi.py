@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from outbox.capture import free_port
 from tests.acceptance.cli_helpers import cli_env, start_cli, wait_healthy
+from web.capture import free_port
 
 SCHEMATHESIS = str(Path(sys.executable).with_name("schemathesis"))
 # Every check about the server's own answers. Left out: positive_data_acceptance, because
