@@ -28,10 +28,10 @@ fault: $(STAMP)
 # Celery) and matplotlib, so the project's own environment stays lean.
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
-$(BENCH_STAMP): pyproject.toml bench/requirements.txt
+$(BENCH_STAMP): pyproject.toml web/pyproject.toml bench/requirements.txt
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
-	$(BENCH_VENV)/bin/pip install --quiet -e . -r bench/requirements.txt
+	$(BENCH_VENV)/bin/pip install --quiet -e . -e ./web -r bench/requirements.txt
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)

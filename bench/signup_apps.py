@@ -44,11 +44,12 @@ def _smtp_target() -> tuple[str, int]:
 
 
 def _settings() -> Any:
-    from outbox.settings import Settings
+    from web.settings import Settings
 
     return Settings(
         database_url=os.environ["BENCH_DATABASE_URL"],
         secret_key="bench",
+        base_url="http://127.0.0.1:8000",
         mail_from="noreply@example.com",
     )
 

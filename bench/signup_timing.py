@@ -22,9 +22,9 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from outbox import migrate
-from web.capture import free_port
 from outbox.settings import libpq_url
+from web import migrate
+from web.capture import free_port
 
 OUTBOX = str(Path(sys.executable).with_name("outbox"))
 
@@ -47,6 +47,7 @@ def main() -> None:
             **os.environ,
             "DATABASE_URL": db_url,
             "SECRET_KEY": "timing",
+            "BASE_URL": "http://127.0.0.1:8000",
             "RATE_LIMIT_PER_IP": "off",
             "RATE_LIMIT_PER_EMAIL": "off",
         }
