@@ -1,6 +1,6 @@
 """Render the signup mails into complete ``email`` payloads, at enqueue time.
 
-The relay only hands a payload over (DESIGN.md: render once, where the data is), so everything the
+The relay only hands a payload over (render once, where the data is), so everything the
 reader sees is decided here: recipient, subject, a plain-text body with the link, and an HTML
 alternative in which every piece of user or configuration data is escaped. From and Message-ID
 are stamped by the relay.
@@ -31,7 +31,7 @@ def resend_link(settings: Settings) -> str:
 
 
 def verification_subject(settings: Settings) -> str:
-    """The subject DESIGN.md fixes, word for word."""
+    """The subject the seed gives, word for word."""
     return f"Congratulations, you are a member of {settings.site_name} now."
 
 

@@ -2,7 +2,7 @@
 
 Both functions take an open connection and never commit: the route wraps each call in
 ``engine.begin()``, so the user row and its outbox message are committed together or not at all
-(DESIGN.md: a message exists if and only if the transaction commits).
+(a message exists if and only if the transaction commits).
 
 No account enumeration: the caller answers the same whatever happens here. A signup for an
 address that is already registered creates nothing and mails the owner a notice instead; the

@@ -8,6 +8,7 @@ need (templates, the service's migrations) without the repository beside it.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import venv
@@ -43,8 +44,16 @@ def run(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.Comp
 
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    # Built from copies: an in-tree build leaves build/ folders (web/build/lib/web/...) behind.
+    src = tmp_path_factory.mktemp("src")
+    skip = shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+    shutil.copytree(ROOT / "outbox", src / "outbox", ignore=skip)
+    shutil.copytree(ROOT / "web", src / "web", ignore=skip)  # migrations/ link followed
+    shutil.copytree(ROOT / "migrations", src / "migrations", ignore=skip)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
     out = tmp_path_factory.mktemp("wheels")
-    for project in (ROOT, ROOT / "web"):
+    for project in (src, src / "web"):
         built = run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", out, project)
         assert built.returncode == 0, built.stderr
     found = {w.name.split("-")[0]: w for w in out.glob("*.whl")}
