@@ -1,4 +1,4 @@
-"""The ``outbox`` command: dev, web, relay, migrate, status, dead, retry, purge.
+"""The ``outbox`` command: dev, web, relay, migrate, status, dead, retry, purge, discard, admin.
 
 User mistakes (a missing variable, a bad flag, a database that does not answer) end in one line
 on stderr and a non-zero exit, never a traceback.
@@ -121,6 +121,16 @@ def _build_parser() -> argparse.ArgumentParser:
 
     purge = sub.add_parser("purge", help="delete sent messages older than a duration")
     purge.add_argument("--older-than", type=_duration, required=True, metavar="DURATION")
+
+    discard = sub.add_parser("discard", help="delete dead messages (and nothing else)")
+    discard.add_argument("ids", nargs="*", type=_positive_int, metavar="ID")
+    discard.add_argument("--all-dead", action="store_true", help="every dead message")
+
+    admin_cmd = sub.add_parser(
+        "admin", help="serve the operator dashboard (needs ADMIN_PASSWORD) at /admin"
+    )
+    admin_cmd.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    admin_cmd.add_argument("--port", type=int, default=8001, help="port to bind (8001)")
     return parser
 
 
@@ -194,6 +204,48 @@ def _cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
         lambda: _with_engine(settings, lambda e: admin.purge(e, older_than=args.older_than))
     )
     print(f"deleted {deleted} sent message(s) older than {args.older_than}")
+    return 0
+
+
+def _cmd_discard(settings: Settings, args: argparse.Namespace) -> int:
+    if bool(args.ids) == bool(args.all_dead):
+        raise UsageError("give message IDs or --all-dead (one of them)")
+    deleted = _run(
+        lambda: _with_engine(
+            settings, lambda e: admin.discard(e, ids=args.ids, all_dead=args.all_dead)
+        )
+    )
+    missing = sorted(set(args.ids) - set(deleted))
+    print(f"discarded {len(deleted)} dead message(s)" + (f": {deleted}" if deleted else ""))
+    if missing:
+        print(f"not dead or not found (left alone): {missing}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_admin(settings: Settings, args: argparse.Namespace) -> int:
+    """The dashboard on its own server: ``/admin`` behind a login, ``/healthz``, ``/`` -> /admin.
+
+    ADMIN_PASSWORD is read here rather than in ``Settings``: only this command uses it, and
+    the settings are being split between the library and the app (issue 9).
+    """
+    import os
+
+    import uvicorn
+
+    from outbox.dashboard.server import create_admin_server
+
+    password = os.environ.get("ADMIN_PASSWORD", "")
+    if not password:
+        raise ConfigError("ADMIN_PASSWORD is required (set it in the environment)")
+    settings.require("database_url")
+    assert settings.database_url is not None
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be between 1 and 65535, not {args.port}")
+    app = create_admin_server(settings.database_url, password=password)
+    logs.configure()
+    print(f"outbox admin: http://{args.host}:{args.port}/admin", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_config=None)
     return 0
 
 
@@ -273,6 +325,8 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "dead": _cmd_dead,
     "retry": _cmd_retry,
     "purge": _cmd_purge,
+    "discard": _cmd_discard,
+    "admin": _cmd_admin,
 }
 
 

@@ -311,3 +311,21 @@ DELETE_SENT_BEFORE = text(
 async def delete_sent_before(conn: AsyncConnection, *, before: datetime, limit: int) -> int:
     result = await conn.execute(DELETE_SENT_BEFORE, {"before": before, "limit": limit})
     return int(result.rowcount)
+
+
+# --- DELETE_DEAD ------------------------------------------------------------------------------
+# `outbox discard` and the dashboard's Discard: delete dead rows, and only dead rows, so a
+# message that was retried meanwhile (no longer dead) is never deleted by a stale click. The
+# ids come through the primary key; --all-dead walks ix_outbox_dead_at.
+DELETE_DEAD = text(
+    """
+    DELETE FROM outbox
+    WHERE dead_at IS NOT NULL AND (CAST(:all_dead AS boolean) OR id = ANY(CAST(:ids AS bigint[])))
+    RETURNING id
+    """
+)
+
+
+async def delete_dead(conn: AsyncConnection, *, ids: Sequence[int], all_dead: bool) -> list[int]:
+    result = await conn.execute(DELETE_DEAD, {"ids": list(ids), "all_dead": all_dead})
+    return sorted(row[0] for row in result)
