@@ -30,7 +30,7 @@ NO_FILTER = {"topic": None, "pattern": None, "limit": queries.PAGE_SIZE + 1}
 def big_engine(pg_admin_url: str, template_db: str) -> Iterator[Engine]:
     name = f"test_plan_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(libpq_url(pg_admin_url), autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')  # type: ignore[arg-type]
+        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
     engine = create_engine(_database_url(pg_admin_url, name))
     with engine.begin() as conn:
         conn.execute(
@@ -65,7 +65,7 @@ def big_engine(pg_admin_url: str, template_db: str) -> Iterator[Engine]:
     yield engine
     engine.dispose()
     with psycopg.connect(libpq_url(pg_admin_url), autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _plan(engine: Engine, statement: TextClause, params: dict[str, Any]) -> str:
