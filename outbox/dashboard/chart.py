@@ -63,8 +63,10 @@ def build_chart(series: Sequence[MinuteCounts]) -> Chart:
     slot = (WIDTH - _LEFT) / max(len(series), 1)
     bars = []
     for i, minute in enumerate(series):
-        sent_h = plot_height * minute.sent / scale_max
-        dead_h = plot_height * minute.dead / scale_max
+        # A minute with anything in it stays visible however tall the busiest minute is: one
+        # dead message among thousands sent is what an operator looks for.
+        sent_h = max(plot_height * minute.sent / scale_max, 1.0 if minute.sent else 0.0)
+        dead_h = max(plot_height * minute.dead / scale_max, 3.0 if minute.dead else 0.0)
         at = minute.minute.astimezone(UTC)
         bars.append(
             Bar(

@@ -87,3 +87,9 @@ def test_password_matches_only_the_same_password() -> None:
     assert password_matches("s3cret pass", "s3cret pass")
     assert not password_matches("s3cret pass", "s3cret pas")
     assert not password_matches("s3cret pass", "")
+
+
+def test_chart_keeps_a_single_dead_message_visible_beside_a_busy_minute() -> None:
+    chart = build_chart(_series([(5000, 0), (5000, 1)]))
+    assert chart.bars[1].dead_height >= 3
+    assert chart.bars[0].dead_height == 0
