@@ -12,6 +12,7 @@ import shutil
 import sys
 import uuid
 from pathlib import Path
+from typing import Literal
 
 import psycopg
 
@@ -91,7 +92,11 @@ def main() -> int:
         docs = ROOT / "docs"
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
-            for scheme, suffix in (("light", ""), ("dark", "-dark")):
+            schemes: tuple[tuple[Literal["light", "dark"], str], ...] = (
+                ("light", ""),
+                ("dark", "-dark"),
+            )
+            for scheme, suffix in schemes:
                 page = browser.new_page(
                     viewport={"width": 1000, "height": 760}, color_scheme=scheme
                 )
