@@ -188,6 +188,8 @@ def create_dashboard(
                 if request.method == "POST":
                     return PlainTextResponse("log in first", status_code=403, headers=HEADERS)
                 target = request.url.path.removeprefix(base(request)) or "/"
+                if request.url.query:
+                    target += f"?{request.url.query}"
                 return redirect(request, "/login", next=target)
             response = await handler(request, session)
             if fresh:
@@ -313,7 +315,9 @@ def create_dashboard(
 
     async def login(request: Request[Any], session: auth.Session) -> Response:
         target = request.query_params.get("next", "/")
-        if not target.startswith("/") or target.startswith("//"):
+        # Only a path of this dashboard: never "//host" or "/\\host", which browsers read as
+        # another site.
+        if not target.startswith("/") or target[1:2] in ("/", "\\"):
             target = "/"
         if password is None:
             return redirect(request, target)

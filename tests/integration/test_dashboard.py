@@ -287,7 +287,7 @@ async def test_dashboard_with_a_password_requires_login_and_throttles_wrong_ones
     async with _client(app) as c:
         first = await c.get("/admin/messages?state=dead")
         assert first.status_code == 303
-        assert first.headers["location"] == "/admin/login?next=%2Fmessages"
+        assert first.headers["location"] == "/admin/login?next=%2Fmessages%3Fstate%3Ddead"
         login = await c.get(first.headers["location"])
         token = _csrf(login.text)
         refused = await c.post(f"/admin/messages/{row_id}/discard", data={"csrf_token": token})
@@ -365,3 +365,20 @@ def test_dashboard_cursor_refuses_what_it_did_not_write() -> None:
     assert Cursor.decode("7") == Cursor(None, 7)
     for bad in ("", "x", "2026-01-01T00:00:00~4", "~-1", f"{2**64}", str(uuid.uuid4())):
         assert Cursor.decode(bad) is None, bad
+
+
+async def test_dashboard_login_sends_only_to_its_own_pages(engine: AsyncEngine) -> None:
+    """Served at the root, ``next=//evil.example`` would be another site: it goes home."""
+    async with _client(create_dashboard(engine, password=PASSWORD)) as c:
+        token = _csrf((await c.get("/login")).text)
+        for target, expected in (
+            ("//evil.example/x", "/"),
+            ("/\\evil.example", "/"),
+            ("https://evil.example", "/"),
+            ("/messages?state=dead", "/messages?state=dead"),
+        ):
+            ok = await c.post(
+                "/login", params={"next": target}, data={"csrf_token": token, "password": PASSWORD}
+            )
+            assert ok.headers["location"] == expected, target
+            token = _csrf((await c.get("/")).text)
