@@ -15,6 +15,7 @@ works at ``/admin``, ``/ops/queue`` or behind a proxy's prefix.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import psycopg
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -34,6 +37,7 @@ from outbox.dashboard import auth, queries
 from outbox.dashboard.chart import build_chart
 from outbox.dashboard.queries import Cursor, State
 
+logger = logging.getLogger(__name__)
 _HERE = Path(__file__).parent
 _CSS = (_HERE / "static" / "dashboard.css").read_bytes()
 REFRESH_S = 10
@@ -365,7 +369,24 @@ def create_dashboard(
             headers={"Cache-Control": "max-age=300", "X-Content-Type-Options": "nosniff"},
         )
 
+    async def database_error(request: Request[Any], exc: Exception) -> Response:
+        """The database is down or not migrated: say which, in the page, as a 503."""
+        orig = getattr(exc, "orig", None)
+        if isinstance(orig, psycopg.errors.UndefinedTable):
+            title, detail = "Database not migrated", "Run outbox migrate (or alembic upgrade head), then reload."
+        elif isinstance(exc, OperationalError | InterfaceError) or getattr(
+            exc, "connection_invalidated", False
+        ):
+            title = "The database does not answer"
+            detail = "Nothing is lost: relays wait for it too. Reload once it is back."
+        else:
+            raise exc
+        logger.warning("dashboard: %s: %s", title, type(orig or exc).__name__)
+        session = auth.new_session(authenticated=False)
+        return render(request, "error.html", session, status_code=503, title=title, detail=detail)
+
     return Starlette(
+        exception_handlers={DBAPIError: database_error},
         routes=[
             Route("/", page(overview), name="overview"),
             Route("/messages", page(messages), name="messages"),
@@ -376,7 +397,7 @@ def create_dashboard(
             Route("/login", page(login, public=True), methods=["GET", "POST"]),
             Route("/logout", page(logout, public=True), methods=["POST"]),
             Route("/dashboard.css", stylesheet),
-        ]
+        ],
     )
 
 

@@ -382,3 +382,25 @@ async def test_dashboard_login_sends_only_to_its_own_pages(engine: AsyncEngine) 
             )
             assert ok.headers["location"] == expected, target
             token = _csrf((await c.get("/")).text)
+
+
+async def test_dashboard_says_when_the_database_is_down_or_not_migrated(
+    empty_db_url: str,
+) -> None:
+    from outbox.capture import free_port
+    from outbox.db import create_engine as create_async_engine
+
+    down = create_async_engine(
+        f"postgresql://nobody@127.0.0.1:{free_port()}/none", application_name="t"
+    )
+    bare = create_async_engine(empty_db_url, application_name="t")
+    try:
+        async with _client(_mounted(down, password=None)) as c:
+            page = await c.get("/admin/")
+            assert page.status_code == 503 and "does not answer" in page.text
+        async with _client(_mounted(bare, password=None)) as c:
+            page = await c.get("/admin/messages")
+            assert page.status_code == 503 and "outbox migrate" in page.text
+    finally:
+        await down.dispose()
+        await bare.dispose()
