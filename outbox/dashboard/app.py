@@ -373,7 +373,8 @@ def create_dashboard(
         """The database is down or not migrated: say which, in the page, as a 503."""
         orig = getattr(exc, "orig", None)
         if isinstance(orig, psycopg.errors.UndefinedTable):
-            title, detail = "Database not migrated", "Run outbox migrate (or alembic upgrade head), then reload."
+            title = "Database not migrated"
+            detail = "Run outbox migrate (or alembic upgrade head), then reload."
         elif isinstance(exc, OperationalError | InterfaceError) or getattr(
             exc, "connection_invalidated", False
         ):
