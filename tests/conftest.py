@@ -39,7 +39,7 @@ def _database_url(admin_url: str, name: str) -> str:
 
 def _admin_execute(admin_url: str, sql: str) -> None:
     with psycopg.connect(libpq_url(admin_url), autocommit=True) as conn:
-        conn.execute(sql)  # type: ignore[arg-type]  # names below are generated, never input
+        conn.execute(sql)  # names below are generated, never input
 
 
 @pytest.fixture(scope="session")
