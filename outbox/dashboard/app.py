@@ -64,7 +64,7 @@ NOTICES = {
     "not-dead": "Nothing done: that message is not dead (any more).",
     "discarded": "Discarded: the dead message was deleted.",
     "retried-all": "Retried every dead message: they are due now.",
-    "discarded-all": "Discarded every dead message.",
+    "discarded-all": "Discarded the dead messages you confirmed (any that died since are kept).",
     "logged-out": "Logged out.",
 }
 
@@ -85,6 +85,15 @@ def _ago(seconds: float | None) -> str:
 
 def _when(value: datetime | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if value else ""
+
+
+def _parse_time(value: Any) -> datetime | None:
+    """An ISO time with its offset, as the confirmation form sends it; ``None`` otherwise."""
+    try:
+        parsed = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+    return parsed if parsed is not None and parsed.tzinfo is not None else None
 
 
 def _recipient(value: Any) -> str:
@@ -312,10 +321,21 @@ def create_dashboard(
             if action == "retry":
                 await admin.retry(engine, ids=[], all_dead=True)
                 return redirect(request, "/messages", state="dead", notice="retried-all")
-            await admin.discard(engine, ids=[], all_dead=True)
+            until = _parse_time((await request.form()).get("dead_until"))
+            if until is None:
+                return redirect(request, "/dead/discard")  # ask again
+            await admin.discard(engine, ids=[], all_dead=True, dead_until=until)
             return redirect(request, "/messages", state="dead", notice="discarded-all")
-        counts = await admin.status(engine)
-        return render(request, "confirm.html", session, action=action, dead=int(counts["dead"]))
+        async with engine.connect() as conn:
+            dead, latest = await queries.dead_summary(conn)
+        return render(
+            request,
+            "confirm.html",
+            session,
+            action=action,
+            dead=dead,
+            dead_until=latest.isoformat() if latest else "",
+        )
 
     async def login(request: Request[Any], session: auth.Session) -> Response:
         target = request.query_params.get("next", "/")

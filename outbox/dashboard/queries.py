@@ -149,6 +149,16 @@ GET_MESSAGE = text(
     """
 )
 
+# --- DEAD_SUMMARY -----------------------------------------------------------------------------
+# For the "all dead" confirmation: how many are dead and when the latest died, from
+# ix_outbox_dead_at alone. The time goes into the confirming form, so the action touches the
+# messages the operator was shown and none that died after.
+DEAD_SUMMARY = text(
+    """
+    SELECT count(*) AS dead, max(dead_at) AS latest FROM outbox WHERE dead_at IS NOT NULL
+    """
+)
+
 # --- COUNT_BY_TOPIC ---------------------------------------------------------------------------
 # Per topic: pending and retrying (from ix_outbox_due), dead (ix_outbox_dead_at) and sent in the
 # last hour (a range of ix_outbox_sent_at). All-time sent counts per topic are left out on
@@ -310,6 +320,11 @@ async def get_message(
     return (await conn.execute(GET_MESSAGE, {"id": id, "now": now})).mappings().one_or_none()
 
 
+async def dead_summary(conn: AsyncConnection) -> tuple[int, datetime | None]:
+    row = (await conn.execute(DEAD_SUMMARY)).one()
+    return int(row[0]), row[1]
+
+
 async def count_by_topic(
     conn: AsyncConnection, *, now: datetime | None = None
 ) -> list[dict[str, Any]]:
@@ -367,6 +382,7 @@ __all__: Sequence[str] = [
     "Page",
     "State",
     "count_by_topic",
+    "dead_summary",
     "get_message",
     "list_messages",
     "settled_per_minute",

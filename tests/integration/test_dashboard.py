@@ -251,11 +251,28 @@ async def test_dashboard_bulk_actions_ask_first_and_then_act(
     await client.post("/admin/dead/retry", data={"csrf_token": _csrf(retry_page.text)})
     assert [(await _state(engine, i) or {}).get("dead_at") for i in dead] == [None] * 3
 
-    await _insert(engine, 2, state="dead")
+    shown = await _insert(engine, 2, state="dead")
     confirm = await client.get("/admin/dead/discard")
-    done = await client.post("/admin/dead/discard", data={"csrf_token": _csrf(confirm.text)})
+    assert "Discard all 2 dead messages?" in confirm.text
+    [died_since] = await _insert(engine, state="dead")  # dies while the operator reads
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE outbox SET dead_at = now() + interval '1 s' WHERE id = :id"),
+            {"id": died_since},
+        )
+    token = _csrf(confirm.text)
+    unconfirmed = await client.post("/admin/dead/discard", data={"csrf_token": token})
+    assert unconfirmed.headers["location"] == "/admin/dead/discard"  # asked again
+    assert all([await _state(engine, i) for i in shown])
+    until = re.search(r'name="dead_until" value="([^"]+)"', confirm.text)
+    assert until
+    done = await client.post(
+        "/admin/dead/discard", data={"csrf_token": token, "dead_until": until.group(1)}
+    )
     assert done.status_code == 303
-    assert (await admin.status(engine))["dead"] == 0
+    assert [await _state(engine, i) for i in shown] == [None, None]
+    assert (await admin.status(engine))["dead"] == 1  # the one that died after the page
+    assert await _state(engine, died_since) is not None
     assert await _state(engine, sent) is not None and await _state(engine, dead[0]) is not None
 
 

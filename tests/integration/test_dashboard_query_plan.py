@@ -150,7 +150,10 @@ def test_query_plan_dashboard_topic_counts_use_the_partial_indexes(big_engine: E
 
 
 def test_query_plan_discard_finds_dead_rows_through_their_index(big_engine: Engine) -> None:
-    every = _plan(big_engine, outbox_queries.DELETE_DEAD, {"ids": [], "all_dead": True})
-    some = _plan(big_engine, outbox_queries.DELETE_DEAD, {"ids": [1, 2], "all_dead": False})
-    _walks(every, "ix_outbox_dead_at")
-    _walks(some, "pk_outbox")
+    every = {"ids": [], "all_dead": True, "dead_until": None}
+    until = {**every, "dead_until": datetime.now(UTC)}
+    some = {"ids": [1, 2], "all_dead": False, "dead_until": None}
+    _walks(_plan(big_engine, outbox_queries.DELETE_DEAD, every), "ix_outbox_dead_at")
+    _walks(_plan(big_engine, outbox_queries.DELETE_DEAD, until), "ix_outbox_dead_at")
+    _walks(_plan(big_engine, outbox_queries.DELETE_DEAD, some), "pk_outbox")
+    _walks(_plan(big_engine, queries.DEAD_SUMMARY, {}), "ix_outbox_dead_at")
