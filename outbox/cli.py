@@ -76,7 +76,24 @@ def _build_parser() -> argparse.ArgumentParser:
     web = sub.add_parser("web", help="serve the signup app with uvicorn")
     web.add_argument("--host", default="127.0.0.1")
     web.add_argument("--port", type=int, default=8000)
-    web.add_argument("--workers", type=_positive_int, default=1)
+    web.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="only 1: run one `outbox web` per core behind your proxy instead (README)",
+    )
+    web.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve /metrics on this port only (not on the app's port)",
+    )
+    web.add_argument("--metrics-host", default="127.0.0.1")
+    web.add_argument(
+        "--client-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client gets to send its headers, and again its body [10]",
+    )
 
     relay = sub.add_parser("relay", help="deliver due messages (run several for more throughput)")
     relay.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE)
@@ -246,14 +263,25 @@ def _cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_web(settings: Settings, args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from web.app import create_app
+    if args.workers != 1:
+        raise UsageError(
+            "--workers: run one `outbox web` per core (each with its own --port, or behind one "
+            "proxy) instead of worker processes; see the README's production recipe"
+        )
+    if args.client_timeout <= 0:
+        raise UsageError("--client-timeout must be a positive number of seconds")
+    from web.server import serve
 
     settings.require("secret_key", "database_url")
-    app = create_app(settings)
     logs.configure()
-    uvicorn.run(app, host=args.host, port=args.port, log_config=None)
+    serve(
+        settings,
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        client_timeout_s=args.client_timeout,
+    )
     return 0
 
 

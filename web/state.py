@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox.settings import Settings
 from web.metrics import Metrics
+from web.passwords import HashGate
 from web.ratelimit import RateLimits
 
 
@@ -20,6 +21,7 @@ class AppState(TypedDict):
     settings: Settings
     metrics: Metrics
     rate_limits: RateLimits
+    hashing: HashGate
 
 
 __all__ = ["AppState"]
