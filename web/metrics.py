@@ -42,7 +42,8 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.signups = Counter(
             "web_signups",
-            "Signup requests by result: accepted, invalid, csrf, too_large, unsupported_type.",
+            "Signup requests by result: accepted, invalid, csrf, too_large, unsupported_type, "
+            "rate_limited, busy (hashing full), disconnected.",
             ["result"],
             registry=self.registry,
         )
