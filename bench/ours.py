@@ -439,7 +439,11 @@ async def _writer(url: str, notify: bool, seconds: float, tasks: int) -> int:
     from outbox.schema import NOTIFY_CHANNEL
 
     insert = pg_sql(queries.INSERT_MESSAGE_NOTIFY if notify else queries.INSERT_MESSAGE)
-    user_sql = "INSERT INTO users (email, password_hash) VALUES (%(email)s, %(hash)s) RETURNING id"
+    # email_key: the address's canonical key (web.identity); these addresses are already canonical.
+    user_sql = (
+        "INSERT INTO users (email, email_key, password_hash)"
+        " VALUES (%(email)s, %(email)s, %(hash)s) RETURNING id"
+    )
     count = 0
     stop_at = time.monotonic() + seconds
 
