@@ -42,7 +42,9 @@ def running_web(
     port = free_port()
     log = tmp_path / f"web-{port}.log"
     settings = {"RATE_LIMIT_PER_IP": "off", "RATE_LIMIT_PER_EMAIL": "off", **env}
-    environment = cli_env(DATABASE_URL=db_url, SECRET_KEY="acceptance", **settings)
+    environment = cli_env(
+        DATABASE_URL=db_url, SECRET_KEY="acceptance", BASE_URL="http://127.0.0.1:8000", **settings
+    )
     with log.open("w") as out:
         proc = subprocess.Popen(
             [OUTBOX, "web", "--port", str(port), *args],
