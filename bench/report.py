@@ -427,8 +427,8 @@ def write(data: dict[str, Any], out: Path, *, charts: bool = True) -> Path:
         add("|---:|---:|---:|")
         for row in scale["rows"]:
             add(f"| {_f(row['rows'])} | {_f(row['kept_sent'])} | {_f(row['rate'])} |")
-        rates = [r["rate"] for r in scale["rows"] if not math.isnan(r["rate"])]
-        spread = max(rates) / min(rates) if rates else float("nan")
+        drains = [r["rate"] for r in scale["rows"] if not math.isnan(r["rate"])]
+        spread = max(drains) / min(drains) if drains else float("nan")
         add("")
         add(
             f"Goal: drain rates within 20 % of each other. Fastest / slowest: {_x(spread)} -> "
