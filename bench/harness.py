@@ -11,8 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -141,7 +140,6 @@ def log(msg: str) -> None:
 class Bench:
     admin_url: str
     sizes: Sizes
-    results: dict[str, Any] = field(default_factory=dict)
     _dbs: list[str] = field(default_factory=list)
 
     # --- databases ---------------------------------------------------------------------------
@@ -303,15 +301,6 @@ def fill_outbox(
             conn.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
 
 
-def outbox_due(url: str) -> int:
-    with connect(url) as conn:
-        return int(
-            fetch_value(
-                conn, "SELECT count(*) FROM outbox WHERE sent_at IS NULL AND dead_at IS NULL"
-            )
-        )
-
-
 def wait_drained(url: str, *, timeout: float, every: float = 0.25) -> bool:
     deadline = time.monotonic() + timeout
     with connect(url, autocommit=True) as conn:
@@ -446,11 +435,3 @@ class Relays:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-@contextmanager
-def timed(label: str) -> Iterator[None]:
-    started = time.monotonic()
-    log(f"{label} ...")
-    yield
-    log(f"{label}: {time.monotonic() - started:.1f}s")
