@@ -8,6 +8,7 @@ import multiprocessing
 import threading
 import time
 import uuid
+from datetime import datetime
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event
 from typing import Any
@@ -115,7 +116,7 @@ def _sql_worker(url: str, batch: int, go: Event) -> None:
         conn.execute("SELECT 1")
         conn.commit()
         go.wait()
-        after: tuple[Any, int] | None = None
+        after: tuple[datetime, int] | None = None  # (available_at, id) of the last full batch
         rescan_at = 0.0
         while True:
             rows = []

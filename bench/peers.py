@@ -19,13 +19,17 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench import smtpload
 from bench.harness import ROOT, Bench, connect, fetch_value, log, stop_processes
 from bench.runner import Committed, latency_run, median_runs, open_loop
 from bench.sink import Sink
 from bench.stats import median, rate_10_90
+
+if TYPE_CHECKING:  # in .venv-bench only; mypy skips them (pyproject.toml)
+    import asyncpg
+    from pgqueuer import Queries
 
 PEERS = ["procrastinate", "pgqueuer", "celery"]
 
@@ -175,7 +179,7 @@ class PgQueuer(Peer):
             for _ in range(self.procs)
         ]
 
-    async def _queries(self) -> Any:
+    async def _queries(self) -> tuple[asyncpg.Connection, Queries]:
         import asyncpg
         from pgqueuer import AsyncpgDriver, Queries
 
