@@ -6,10 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: dev test lint fault install clean bench bench-quick
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml web/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' -e ./web
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,10 +28,10 @@ fault: $(STAMP)
 # Celery) and matplotlib, so the project's own environment stays lean.
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
-$(BENCH_STAMP): pyproject.toml bench/requirements.txt
+$(BENCH_STAMP): pyproject.toml web/pyproject.toml bench/requirements.txt
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
-	$(BENCH_VENV)/bin/pip install --quiet -e . -r bench/requirements.txt
+	$(BENCH_VENV)/bin/pip install --quiet -e . -e ./web -r bench/requirements.txt
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
@@ -41,8 +41,8 @@ bench-quick: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python -m bench --quick
 
 lint: $(STAMP)
-	$(BIN)/ruff check outbox web tests migrations bench
-	$(BIN)/ruff format --check outbox web tests migrations bench
+	$(BIN)/ruff check outbox web tests migrations examples bench
+	$(BIN)/ruff format --check outbox web tests migrations examples bench
 	$(BIN)/mypy
 
 clean:

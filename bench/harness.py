@@ -233,17 +233,11 @@ def drop_database(admin_url: str, name: str) -> None:
 
 
 def migrate_service(url: str) -> None:
-    """The whole service's schema (the outbox table and the app's tables, which items 1 and 7
-    write to), built the documented way: ``alembic upgrade head`` from the repository root."""
-    done = subprocess.run(
-        [sys.executable, "-m", "alembic", "-c", str(ROOT / "alembic.ini"), "upgrade", "head"],
-        env={**os.environ, "DATABASE_URL": url},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"alembic upgrade head failed:\n{done.stderr[-2000:]}")
+    """The whole service's schema: the app's tables (items 1 and 7 write users) and the outbox
+    table, from the app's Alembic history, as ``outbox dev`` and the tests build it."""
+    from web.migrate import upgrade_url
+
+    upgrade_url(url)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from celery import Celery  # in .venv-bench only; mypy skips it (pyproject.toml)
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-    from outbox.settings import Settings
+    from web.settings import Settings
 
 QUEUE = "bench_signup"
 AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -50,11 +50,12 @@ def _smtp_target() -> tuple[str, int]:
 
 
 def _settings() -> Settings:
-    from outbox.settings import Settings
+    from web.settings import Settings
 
     return Settings(
         database_url=os.environ["BENCH_DATABASE_URL"],
         secret_key="bench",
+        base_url="http://127.0.0.1:8000",
         mail_from="noreply@example.com",
     )
 

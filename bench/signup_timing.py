@@ -43,6 +43,7 @@ def main() -> None:
             **os.environ,
             "DATABASE_URL": db_url,
             "SECRET_KEY": "timing",
+            "BASE_URL": "http://127.0.0.1:8000",
             "RATE_LIMIT_PER_IP": "off",
             "RATE_LIMIT_PER_EMAIL": "off",
         }

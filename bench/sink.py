@@ -1,6 +1,6 @@
 """A fast SMTP sink in a process of its own: answers 250 to everything and records each mail.
 
-Why not ``outbox.capture.CaptureServer``: that is aiosmtpd in a thread of the caller, sharing its
+Why not ``web.capture.CaptureServer``: that is aiosmtpd in a thread of the caller, sharing its
 GIL, and it parses every mail. This sink is a bare ``asyncio.Protocol`` (no StreamReader, no
 parsing beyond finding the end of DATA and the Message-ID header) in a separate process, so it
 costs a fraction of what the clients it measures cost; ``bench.smtpload.blast`` measures how many

@@ -27,7 +27,7 @@ from bench.stats import rate_10_90
 
 def sample_mail(i: int = 0, message_id: str | None = None) -> tuple[str, list[str], bytes]:
     """The verification-like mail every system sends: envelope and DATA bytes."""
-    from outbox.mail import render_email
+    from outbox.smtp import render_email
 
     mail = render_email(
         email_payload(i),

@@ -77,6 +77,7 @@ class Server:
             env.update(
                 DATABASE_URL=self.url,
                 SECRET_KEY="bench",
+                BASE_URL="http://127.0.0.1:8000",
                 RATE_LIMIT_PER_IP="off",
                 RATE_LIMIT_PER_EMAIL="off",
                 SMTP_URL=self.sink.url,

@@ -1,29 +1,43 @@
-"""Alembic environment: async, URL from DATABASE_URL, or a connection handed in by the caller.
+"""Alembic environment of the service (the signup app's tables plus the library's outbox table).
 
-``config.attributes["connection"]`` lets tests and ``outbox migrate`` run migrations on a
-connection they already hold (the Alembic cookbook's recipe), without a second URL to keep.
+The app's own revisions live in ``versions/``; the library's table is installed by calling
+``outbox.migrate.upgrade`` from a revision (0001 and 0003), exactly as any host app would. The
+library keeps its own version table (``outbox_schema_version``), which autogenerate is told to
+ignore.
+
+``config.attributes["connection"]`` lets tests and ``outbox dev`` run migrations on a connection
+they already hold (the Alembic cookbook's recipe), without a second URL to keep.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from alembic import context
 from sqlalchemy import Connection, pool
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from outbox.errors import ConfigError
+from outbox.migrate import VERSION_TABLE
 from outbox.schema import metadata as outbox_metadata
 from outbox.settings import Settings
-from web.ratelimit import rate_limits_table  # noqa: F401  (registers the table)
-from web.users import metadata as users_metadata
+from web.tables import metadata as app_metadata
 
 config = context.config
-target_metadata = [outbox_metadata, users_metadata]
+target_metadata = [outbox_metadata, app_metadata]
+
+
+def _include_name(name: str | None, type_: str, parent_names: Any) -> bool:
+    return not (type_ == "table" and name == VERSION_TABLE)
 
 
 def _run(connection: Connection) -> None:
-    context.configure(connection=connection, target_metadata=target_metadata, compare_type=True)
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        compare_type=True,
+        include_name=_include_name,
+    )
     with context.begin_transaction():
         context.run_migrations()
 
@@ -35,17 +49,37 @@ async def _run_async(url: str) -> None:
     await engine.dispose()
 
 
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
     if connection is not None:
         _run(connection)
         return
-    url = Settings.from_env().database_url
+    # Run from the command line: a user mistake is one line, not a traceback.
+    try:
+        url = Settings.from_env().database_url
+    except Exception as exc:
+        raise SystemExit(f"alembic: {_one_line(exc)}") from None
     if url is None:
-        raise ConfigError("DATABASE_URL is required to run migrations")
-    asyncio.run(_run_async(url))
+        raise SystemExit("alembic: DATABASE_URL is required (set in the environment)")
+    try:
+        asyncio.run(_run_async(url))
+    except OSError as exc:
+        raise SystemExit(f"alembic: cannot reach the database: {_one_line(exc)}") from None
+    except Exception as exc:
+        from outbox.db import is_connection_error
+
+        if is_connection_error(exc):
+            raise SystemExit(f"alembic: cannot reach the database: {_one_line(exc)}") from None
+        raise
 
 
 if context.is_offline_mode():
-    raise ConfigError("offline (--sql) migrations are not supported; run against a database")
+    raise SystemExit(
+        "alembic: offline (--sql) migrations are not supported; run against a database"
+    )
 run_migrations_online()

@@ -6,6 +6,7 @@ the commit, with retries, and never for a transaction that rolled back.
 
 from __future__ import annotations
 
+from outbox import smtp
 from outbox.enqueue import enqueue
 from outbox.errors import (
     AmbiguousSendError,
@@ -16,10 +17,9 @@ from outbox.errors import (
     TransientSendError,
     UnknownTopicError,
 )
-from outbox.message import EmailPayload, OutboxMessage, Status
+from outbox.message import EmailPayload, OutboxMessage
 from outbox.registry import HandlerRegistry, default_registry, handler
 from outbox.relay import BatchResult, Relay, RelayConfig
-from outbox.settings import Settings
 
 __all__ = [
     "AmbiguousSendError",
@@ -33,11 +33,10 @@ __all__ = [
     "Relay",
     "RelayConfig",
     "SendError",
-    "Settings",
-    "Status",
     "TransientSendError",
     "UnknownTopicError",
     "default_registry",
     "enqueue",
     "handler",
+    "smtp",
 ]

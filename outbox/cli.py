@@ -1,7 +1,12 @@
-"""The ``outbox`` command: dev, web, relay, migrate, status, dead, retry, purge.
+"""The ``outbox`` command: relay, migrate, status, dead, retry, purge; web and dev from the app.
 
 User mistakes (a missing variable, a bad flag, a database that does not answer) end in one line
 on stderr and a non-zero exit, never a traceback.
+
+``outbox web`` and ``outbox dev`` belong to the signup app, which is a distribution of its own:
+it adds them through the ``outbox.commands`` entry-point group (an object with ``help``,
+``configure(parser)`` and ``run(args)``), so this module never imports it. Without the app the
+two names are still listed, and say in one line how to install it.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import json
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import timedelta
-from typing import Any, NoReturn, TypeVar
+from importlib.metadata import entry_points
+from typing import Any, NoReturn, Protocol, TypeVar
 
 from outbox import admin, logs
 from outbox.errors import ConfigError, OutboxError
@@ -61,22 +67,49 @@ def _positive_int(value: str) -> int:
     return number
 
 
-def _build_parser() -> argparse.ArgumentParser:
+class AppCommand(Protocol):
+    """What a distribution registers under the ``outbox.commands`` entry-point group."""
+
+    help: str
+
+    def configure(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def run(self, args: argparse.Namespace) -> int: ...
+
+
+# The signup app's commands, listed even when the app is not installed (to say how to get it).
+APP_COMMANDS = {
+    "dev": "run everything locally: embedded PostgreSQL, mail capture (needs the signup app)",
+    "web": "serve the signup app with uvicorn (needs the signup app)",
+}
+APP_MISSING = "the signup app is not installed; from a checkout: pip install -e ./web"
+
+
+def _app_commands() -> dict[str, AppCommand]:
+    found: dict[str, AppCommand] = {}
+    for entry in entry_points(group="outbox.commands"):
+        try:
+            found[entry.name] = entry.load()
+        except ImportError:
+            continue  # a half-installed app: the command then says how to install it
+    return found
+
+
+def _build_parser(app_commands: dict[str, AppCommand]) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="outbox",
-        description="A transactional outbox on PostgreSQL: web app, relay and operator tools.",
+        description="A transactional outbox on PostgreSQL: relay and operator tools "
+        "(and, with the signup app installed, its web server and dev mode).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    dev = sub.add_parser("dev", help="run everything locally: embedded PostgreSQL, mail capture")
-    dev.add_argument("--host", default="127.0.0.1")
-    dev.add_argument("--port", type=int, default=8000)
-    dev.add_argument("--data-dir", default=".outbox", help="where dev keeps its data (.outbox)")
-
-    web = sub.add_parser("web", help="serve the signup app with uvicorn")
-    web.add_argument("--host", default="127.0.0.1")
-    web.add_argument("--port", type=int, default=8000)
-    web.add_argument("--workers", type=_positive_int, default=1)
+    for name in sorted({*APP_COMMANDS, *app_commands}):
+        command = app_commands.get(name)
+        if command is None:
+            missing = sub.add_parser(name, help=APP_COMMANDS[name])
+            missing.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        else:
+            command.configure(sub.add_parser(name, help=command.help))
 
     relay = sub.add_parser("relay", help="deliver due messages (run several for more throughput)")
     relay.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE)
@@ -106,7 +139,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     relay.add_argument("--log-format", choices=["text", "json"], default="text")
 
-    sub.add_parser("migrate", help="create or upgrade the schema (= alembic upgrade head)")
+    sub.add_parser(
+        "migrate",
+        help="create or upgrade the outbox table (the library's own history; "
+        "your other tables and your alembic_version are left alone)",
+    )
 
     status = sub.add_parser("status", help="count pending, retrying, dead and sent messages")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -202,8 +239,9 @@ def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
     settings.require("database_url")
     assert settings.database_url is not None
-    migrate.upgrade_url(settings.database_url)
-    print("database schema is up to date")
+    applied = migrate.upgrade_url(settings.database_url)
+    steps = ", ".join(f"{s.version} ({s.name})" for s in migrate.STEPS if s.version in applied)
+    print(f"applied {steps}" if applied else "the outbox schema is up to date")
     return 0
 
 
@@ -223,7 +261,7 @@ def _cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
         backoff_cap=args.backoff_cap,
         stop_grace=args.stop_grace,
     )
-    settings.require("database_url", "smtp_url")
+    settings.require("database_url")
     sys.path.insert(0, ".")
     for module in args.imports:
         try:
@@ -245,28 +283,7 @@ def _cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_web(settings: Settings, args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from web.app import create_app
-
-    settings.require("secret_key", "database_url")
-    app = create_app(settings)
-    logs.configure()
-    uvicorn.run(app, host=args.host, port=args.port, log_config=None)
-    return 0
-
-
-def _cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
-    from outbox.dev import run_dev
-
-    logs.configure()
-    return run_dev(settings, host=args.host, port=args.port, data_dir=args.data_dir)
-
-
 COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
-    "dev": _cmd_dev,
-    "web": _cmd_web,
     "relay": _cmd_relay,
     "migrate": _cmd_migrate,
     "status": _cmd_status,
@@ -282,8 +299,13 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    app_commands = _app_commands()
+    args = _build_parser(app_commands).parse_args(argv)
     try:
+        if args.command in app_commands:
+            return app_commands[args.command].run(args)
+        if args.command in APP_COMMANDS:
+            raise UsageError(APP_MISSING)
         settings = Settings.from_env()
         return COMMANDS[args.command](settings, args)
     except (ConfigError, UsageError) as exc:
@@ -302,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _is_database_unreachable(exc: BaseException) -> bool:
-    from outbox.relay import is_connection_error
+    from outbox.db import is_connection_error
 
     return is_connection_error(exc)
 

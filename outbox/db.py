@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
+import sqlalchemy.exc
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from outbox.listener import KEEPALIVE_ARGS
@@ -38,3 +40,17 @@ def create_engine(
 def engine_libpq_url(engine: AsyncEngine) -> str:
     """The engine's URL for a plain psycopg connection (the LISTEN connection)."""
     return libpq_url(engine.url.render_as_string(hide_password=False))
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Errors that reconnecting can heal: the server went away, restarted or refused us."""
+    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(
+        exc,
+        sqlalchemy.exc.OperationalError
+        | sqlalchemy.exc.InterfaceError
+        | psycopg.OperationalError
+        | psycopg.InterfaceError
+        | ConnectionError,
+    )

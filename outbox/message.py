@@ -5,18 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from enum import StrEnum
 from typing import Any, NotRequired, TypedDict
-
-
-class Status(StrEnum):
-    """The four states `outbox status` counts; derived from sent_at, dead_at and attempts."""
-
-    PENDING = "pending"
-    RETRYING = "retrying"
-    SENT = "sent"
-    DEAD = "dead"
-
 
 # The whole mail, rendered at enqueue time so the relay only has to hand it over. Functional
 # syntax because "from" is a keyword; it overrides MAIL_FROM for this one message.

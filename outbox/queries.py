@@ -13,19 +13,16 @@ connection, PostgreSQL rolls the transaction back, and the rows are due again.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy import TextClause, text
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from outbox.message import OutboxMessage
 from outbox.schema import NOTIFY_CHANNEL
-
-Executor = AsyncConnection | AsyncSession
 
 # --- INSERT_MESSAGE ---------------------------------------------------------------------------
 # One round trip: insert, and (optionally) queue a NOTIFY that PostgreSQL delivers only if and when
@@ -50,21 +47,73 @@ INSERT_MESSAGE_NOTIFY = text(
     """
 )
 
+# --- INSERT_DEDUPED / SELECT_BY_DEDUPE_KEY ----------------------------------------------------
+# enqueue(..., dedupe_key=K): uq_outbox_dedupe_key (partial: only rows with a key) makes a second
+# row with K a conflict, which DO NOTHING turns into "no row returned". The existing message's
+# UUID then needs a statement of its own: when the conflicting row was committed by a concurrent
+# transaction that this INSERT waited for, only a new statement's snapshot sees it (READ
+# COMMITTED; under REPEATABLE READ PostgreSQL raises a serialization failure instead). The NOTIFY
+# is queued only when a row was inserted. Messages without a key keep INSERT_MESSAGE: no
+# speculative insertion on the common path.
+INSERT_DEDUPED = text(
+    """
+    INSERT INTO outbox (topic, payload, available_at, dedupe_key)
+    VALUES (:topic, CAST(:payload AS jsonb), coalesce(CAST(:available_at AS timestamptz), now()),
+            :dedupe_key)
+    ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
+    RETURNING message_id
+    """
+)
+INSERT_DEDUPED_NOTIFY = text(
+    """
+    WITH inserted AS (
+        INSERT INTO outbox (topic, payload, available_at, dedupe_key)
+        VALUES (:topic, CAST(:payload AS jsonb),
+                coalesce(CAST(:available_at AS timestamptz), now()), :dedupe_key)
+        ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
+        RETURNING message_id
+    )
+    SELECT message_id, pg_notify(:channel, '') FROM inserted
+    """
+)
+SELECT_BY_DEDUPE_KEY = text("SELECT message_id FROM outbox WHERE dedupe_key = :dedupe_key")
 
-async def insert_message(
-    conn: Executor,
-    *,
-    topic: str,
-    payload: Any,
-    available_at: datetime | None,
-    notify: bool,
-) -> uuid.UUID:
-    params = {"topic": topic, "payload": json.dumps(payload), "available_at": available_at}
-    if notify:
-        params["channel"] = NOTIFY_CHANNEL
-    result = await conn.execute(INSERT_MESSAGE_NOTIFY if notify else INSERT_MESSAGE, params)
-    message_id: uuid.UUID = result.scalar_one()
-    return message_id
+
+@dataclass(frozen=True, slots=True)
+class Insert:
+    """One enqueue, as statements and parameters any driver can run (see ``outbox.enqueue``)."""
+
+    statement: TextClause
+    params: dict[str, Any]
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        topic: str,
+        payload: Any,
+        available_at: datetime | None,
+        notify: bool,
+        dedupe_key: str | None,
+    ) -> Insert:
+        params: dict[str, Any] = {
+            "topic": topic,
+            "payload": json.dumps(payload),
+            "available_at": available_at,
+        }
+        if notify:
+            params["channel"] = NOTIFY_CHANNEL
+        if dedupe_key is None:
+            return cls(INSERT_MESSAGE_NOTIFY if notify else INSERT_MESSAGE, params)
+        params["dedupe_key"] = dedupe_key
+        return cls(INSERT_DEDUPED_NOTIFY if notify else INSERT_DEDUPED, params)
+
+    @property
+    def existing(self) -> tuple[TextClause, dict[str, Any]] | None:
+        """The look-up to run when the INSERT returned no row (only with a ``dedupe_key``)."""
+        if "dedupe_key" not in self.params:
+            return None
+        return SELECT_BY_DEDUPE_KEY, {"dedupe_key": self.params["dedupe_key"]}
 
 
 # --- SELECT_NOW -------------------------------------------------------------------------------

@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
-import psycopg
-import sqlalchemy.exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from tenacity import (
     AsyncRetrying,
@@ -33,6 +31,7 @@ from tenacity import (
 
 from outbox import queries
 from outbox.claim import ClaimCursor
+from outbox.db import is_connection_error
 from outbox.errors import AmbiguousSendError, ConfigError, SendError
 from outbox.listener import Listener
 from outbox.message import OutboxMessage
@@ -181,20 +180,6 @@ class _Settlement:
             dead=len(self.dead_ids),
             released=self.released,
         )
-
-
-def is_connection_error(exc: BaseException) -> bool:
-    """Errors that reconnecting can heal: the server went away, restarted or refused us."""
-    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(
-        exc,
-        sqlalchemy.exc.OperationalError
-        | sqlalchemy.exc.InterfaceError
-        | psycopg.OperationalError
-        | psycopg.InterfaceError
-        | ConnectionError,
-    )
 
 
 class Relay:

@@ -16,12 +16,12 @@ from prometheus_client import start_http_server
 
 from outbox import admin
 from outbox.db import create_engine, engine_libpq_url
-from outbox.mail import EMAIL_TOPIC, SmtpSender
 from outbox.registry import HandlerRegistry, default_registry
 from outbox.relay import BatchResult, Relay, RelayConfig
 from outbox.settings import Settings
 from outbox.settlelog import SettleLog, StreamSettleLog
 from outbox.signals import on_stop
+from outbox.smtp import EMAIL_TOPIC, email_handler
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +36,9 @@ async def open_relay(
     registry: HandlerRegistry | None = None,
     settle_log: SettleLog | None = None,
 ) -> AsyncIterator[Relay]:
-    """A relay with the built-in ``email`` handler plus every ``@outbox.handler`` (which win)."""
-    settings.require("database_url", "smtp_url")
+    """A relay with every ``@outbox.handler``, then ``registry``'s, and the built-in ``email``
+    handler when ``SMTP_URL`` is set (a relay without it does not serve ``email``)."""
+    settings.require("database_url")
     assert settings.database_url is not None
     engine = create_engine(
         settings.database_url,
@@ -45,16 +46,17 @@ async def open_relay(
         idle_in_transaction_timeout=config.idle_in_transaction_timeout,
         pool_size=2,
     )
-    # The sender's own deadline sits just inside the relay's, so a slow SMTP server is reported
-    # by the sender (which knows whether the body went out) rather than cut off blind.
-    sender = SmtpSender(
-        settings.smtp,
-        mail_from=settings.mail_from,
-        timeout=config.send_timeout * 0.9,
-        pool_size=config.concurrency,
-    )
     builtin = HandlerRegistry()
-    builtin.register(EMAIL_TOPIC, sender)
+    smtp = settings.smtp
+    sender = None
+    if smtp is not None:
+        sender = email_handler(
+            smtp,
+            mail_from=settings.mail_from,
+            send_timeout=config.send_timeout,
+            pool_size=config.concurrency,
+        )
+        builtin.register(EMAIL_TOPIC, sender)
     handlers = builtin.merged(default_registry).merged(registry or HandlerRegistry())
     relay = Relay(
         engine, handlers, config, listen_dsn=engine_libpq_url(engine), settle_log=settle_log
@@ -62,7 +64,8 @@ async def open_relay(
     try:
         yield relay
     finally:
-        await sender.aclose()
+        if sender is not None:
+            await sender.aclose()
         await engine.dispose()
 
 
@@ -108,12 +111,15 @@ async def serve_relay(
             background = [asyncio.create_task(relay.sample_queue())]
             if retention is not None:
                 background.append(asyncio.create_task(_purge_forever(relay, retention)))
+            topics = relay.registry.topics
             logger.info(
-                "relay running (batch %d, concurrency %d); stops within %.0fs of SIGTERM",
+                "relay running (batch %d, concurrency %d, topics: %s); stops within %.0fs of "
+                "SIGTERM",
                 config.batch_size,
                 config.concurrency,
+                ", ".join(topics) or "none",
                 config.stop_bound,
-                extra={"action": "start_relay"},
+                extra={"action": "start_relay", "topics": topics},
             )
             try:
                 await relay.run()

@@ -1,4 +1,4 @@
-"""The declared schema of the outbox table (Alembic's target; migrations are the history).
+"""The declared schema of the outbox table, for SQLAlchemy (``outbox.migrate`` is its history).
 
 Status is derived, not stored: a row is *sent* when ``sent_at`` is set, *dead* when ``dead_at``
 is set, otherwise *pending* (no attempt yet) or *retrying*. Two nullable timestamps cost nothing
@@ -53,6 +53,8 @@ outbox_table = Table(
     Column("result", Text),
     Column("sent_at", DateTime(timezone=True)),
     Column("dead_at", DateTime(timezone=True)),
+    # enqueue(..., dedupe_key=...): at most one message per key while the row exists.
+    Column("dedupe_key", Text),
 )
 
 # "Due and unsent": the claim walks this index in (available_at, id) order and stops at LIMIT,
@@ -73,6 +75,13 @@ Index(
     "ix_outbox_dead_at",
     outbox_table.c.dead_at,
     postgresql_where=text("dead_at IS NOT NULL"),
+)
+
+Index(
+    "uq_outbox_dedupe_key",
+    outbox_table.c.dedupe_key,
+    unique=True,
+    postgresql_where=text("dedupe_key IS NOT NULL"),
 )
 
 NOTIFY_CHANNEL = "outbox"

@@ -1,14 +1,17 @@
-"""Configuration: read the environment once, into one frozen object.
+"""What the library's processes (``outbox relay``, ``migrate``, ``status`` ...) read from the
+environment.
 
-Only this module touches ``os.environ``; everything else receives values through constructors, so
-tests build a ``Settings`` from a plain dict.
+Only the CLI calls ``Settings.from_env``; library objects (``Relay``, the email handler,
+``enqueue``) take plain values, so an embedding app configures them however it configures itself.
+The signup app has settings of its own (``web.settings``): nothing here knows about its secrets,
+links or limits.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from outbox.errors import ConfigError
@@ -32,6 +35,9 @@ def libpq_url(url: str) -> str:
     return "postgresql://" + normalise_database_url(url).partition("://")[2]
 
 
+_SMTP_OPTIONS = frozenset({"starttls"})
+
+
 @dataclass(frozen=True)
 class SmtpConfig:
     """Where and how to hand mail over: parsed from ``SMTP_URL``."""
@@ -45,12 +51,23 @@ class SmtpConfig:
 
     @classmethod
     def from_url(cls, url: str) -> SmtpConfig:
+        """Parse ``smtp://[user:pass@]host[:port][?starttls=true]`` or ``smtps://...``.
+
+        An option we do not know is an error rather than ignored: ``?tls=true`` silently sending
+        in plain text is the mistake this guards against.
+        """
         parts = urlsplit(url)
         if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
             raise ConfigError(
                 "SMTP_URL must look like smtp://[user:pass@]host[:port] or smtps://..."
             )
-        query = parse_qs(parts.query)
+        query = parse_qs(parts.query, keep_blank_values=True)
+        unknown = sorted(set(query) - _SMTP_OPTIONS)
+        if unknown:
+            raise ConfigError(
+                f"SMTP_URL has unknown option(s) {', '.join(unknown)}: only ?starttls=true is "
+                "understood (use smtps:// for implicit TLS)"
+            )
         start_tls = query.get("starttls", ["false"])[0].lower() in ("1", "true", "yes")
         implicit_tls = parts.scheme == "smtps"
         try:
@@ -67,22 +84,19 @@ class SmtpConfig:
         )
 
 
+def env_value(env: Mapping[str, str], name: str) -> str | None:
+    """``env[name]`` stripped, with an empty value counted as unset."""
+    value = env.get(name, "").strip()
+    return value or None
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Everything the service reads from its environment (see the README's table)."""
+    """The library processes' configuration (README, "Production"): database, mail, sender."""
 
     database_url: str | None = None
     smtp_url: str | None = None
     mail_from: str = "noreply@localhost"
-    site_name: str = "Outbox Demo"
-    base_url: str = "http://127.0.0.1:8000"
-    secret_key: str | None = None
-    old_secret_keys: tuple[str, ...] = ()
-    token_max_age_s: int = 48 * 3600
-    notify: bool = True
-    # Rate limits of the signup app ("20/hour", "5/10m", "off"); parsed by web.ratelimit.
-    rate_limit_per_ip: str = "30/hour"
-    rate_limit_per_email: str = "5/hour"
 
     def __post_init__(self) -> None:
         if self.database_url is not None:
@@ -91,52 +105,24 @@ class Settings:
             SmtpConfig.from_url(self.smtp_url)  # validates
         if "@" not in self.mail_from:
             raise ConfigError("MAIL_FROM must be an email address")
-        if not self.base_url.startswith(("http://", "https://")):
-            raise ConfigError("BASE_URL must start with http:// or https://")
-        object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
-        if self.token_max_age_s <= 0:
-            raise ConfigError("TOKEN_MAX_AGE must be a positive number of seconds")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
-
-        def get(name: str) -> str | None:
-            value = env.get(name, "").strip()
-            return value or None
-
-        max_age = get("TOKEN_MAX_AGE")
-        try:
-            max_age_s = int(max_age) if max_age else cls.token_max_age_s
-        except ValueError:
-            raise ConfigError("TOKEN_MAX_AGE must be a whole number of seconds") from None
-        old_keys = tuple(k.strip() for k in (get("OLD_SECRET_KEYS") or "").split(",") if k.strip())
         return cls(
-            database_url=get("DATABASE_URL"),
-            smtp_url=get("SMTP_URL"),
-            mail_from=get("MAIL_FROM") or cls.mail_from,
-            site_name=get("SITE_NAME") or cls.site_name,
-            base_url=get("BASE_URL") or cls.base_url,
-            secret_key=get("SECRET_KEY"),
-            old_secret_keys=old_keys,
-            token_max_age_s=max_age_s,
-            notify=(get("OUTBOX_NOTIFY") or "true").lower() not in ("0", "false", "no", "off"),
-            rate_limit_per_ip=get("RATE_LIMIT_PER_IP") or cls.rate_limit_per_ip,
-            rate_limit_per_email=get("RATE_LIMIT_PER_EMAIL") or cls.rate_limit_per_email,
+            database_url=env_value(env, "DATABASE_URL"),
+            smtp_url=env_value(env, "SMTP_URL"),
+            mail_from=env_value(env, "MAIL_FROM") or cls.mail_from,
         )
 
-    def with_overrides(self, **changes: object) -> Settings:
-        """A copy with some fields replaced (used by ``outbox dev`` to fill in its defaults)."""
-        return replace(self, **changes)  # type: ignore[arg-type]
-
     def require(self, *names: str) -> None:
-        """Raise ``ConfigError`` naming the first of ``names`` (field names) that is unset."""
-        for name in names:
-            if getattr(self, name) is None:
-                raise ConfigError(f"{name.upper()} is required (set it in the environment)")
+        """Raise ``ConfigError`` naming every one of ``names`` (field names) that is unset."""
+        missing = [name.upper() for name in names if getattr(self, name) is None]
+        if missing:
+            verb = "is" if len(missing) == 1 else "are"
+            raise ConfigError(f"{' and '.join(missing)} {verb} required (set in the environment)")
 
     @property
-    def smtp(self) -> SmtpConfig:
-        self.require("smtp_url")
-        assert self.smtp_url is not None
-        return SmtpConfig.from_url(self.smtp_url)
+    def smtp(self) -> SmtpConfig | None:
+        """The parsed ``SMTP_URL``, or ``None``: a relay without it does not serve ``email``."""
+        return SmtpConfig.from_url(self.smtp_url) if self.smtp_url is not None else None

@@ -20,10 +20,10 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from outbox import migrate
-from outbox.capture import CaptureServer
 from outbox.db import create_engine as create_async_engine
 from outbox.settings import libpq_url, normalise_database_url
+from web import migrate
+from web.capture import CaptureServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,7 +39,7 @@ def _database_url(admin_url: str, name: str) -> str:
 
 def _admin_execute(admin_url: str, sql: str) -> None:
     with psycopg.connect(libpq_url(admin_url), autocommit=True) as conn:
-        conn.execute(sql)  # type: ignore[arg-type]  # names below are generated, never input
+        conn.execute(sql)  # names below are generated, never input
 
 
 @pytest.fixture(scope="session")

@@ -16,11 +16,10 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 
 from outbox.db import create_engine
-from outbox.errors import ConfigError
-from outbox.settings import Settings
 from web.metrics import Metrics, MetricsMiddleware
 from web.ratelimit import RateLimits
 from web.routes import ROUTES
+from web.settings import Settings
 from web.state import AppState
 
 APPLICATION_NAME = "outbox-web"
@@ -38,10 +37,8 @@ def create_app(
     it (the app does not dispose of it). ``extra_routes`` are mounted after the app's own, for
     ``outbox dev``'s ``/dev/mail``.
     """
-    settings.require("secret_key")
+    settings.require("secret_key", "base_url", *(() if engine is not None else ("database_url",)))
     database_url = settings.database_url
-    if engine is None and database_url is None:
-        raise ConfigError("DATABASE_URL is required (set it in the environment)")
     metrics = Metrics()
     rate_limits = RateLimits.from_settings(settings)
 

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from outbox.capture import CapturedMail, CaptureServer
+from web.capture import CapturedMail, CaptureServer
 
 _URL = re.compile(r"https?://[^\s<>\"']+")
 

@@ -1,6 +1,6 @@
 """Render the signup mails into complete ``email`` payloads, at enqueue time.
 
-The relay only hands a payload over (DESIGN.md: render once, where the data is), so everything the
+The relay only hands a payload over (render once, where the data is), so everything the
 reader sees is decided here: recipient, subject, a plain-text body with the link, and an HTML
 alternative in which every piece of user or configuration data is escaped. From and Message-ID
 are stamped by the relay.
@@ -14,7 +14,7 @@ from html import escape
 from urllib.parse import urlencode
 
 from outbox.message import EmailPayload
-from outbox.settings import Settings
+from web.settings import Settings
 
 # An automatic message: tells auto-responders not to answer (RFC 3834).
 _HEADERS = {"Auto-Submitted": "auto-generated"}
@@ -22,16 +22,16 @@ _HEADERS = {"Auto-Submitted": "auto-generated"}
 
 def verify_link(settings: Settings, token: str) -> str:
     """``{BASE_URL}/users/verify?token=...``"""
-    return f"{settings.base_url}/users/verify?{urlencode({'token': token})}"
+    return f"{settings.link_base}/users/verify?{urlencode({'token': token})}"
 
 
 def resend_link(settings: Settings) -> str:
     """The page with the "send the link again" form."""
-    return f"{settings.base_url}/users/register#resend"
+    return f"{settings.link_base}/users/register#resend"
 
 
 def verification_subject(settings: Settings) -> str:
-    """The subject DESIGN.md fixes, word for word."""
+    """The subject the seed gives, word for word."""
     return f"Congratulations, you are a member of {settings.site_name} now."
 
 

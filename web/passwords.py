@@ -12,7 +12,6 @@ request, so both functions run in a worker thread.
 from __future__ import annotations
 
 from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
 from starlette.concurrency import run_in_threadpool
 
 _hasher = PasswordHasher()
@@ -23,12 +22,4 @@ async def hash_password(password: str) -> str:
     return await run_in_threadpool(_hasher.hash, password)
 
 
-async def verify_password(password_hash: str, password: str) -> bool:
-    """Whether ``password`` matches; False for a wrong password or an unreadable hash."""
-    try:
-        return await run_in_threadpool(_hasher.verify, password_hash, password)
-    except (VerificationError, InvalidHashError):
-        return False
-
-
-__all__ = ["hash_password", "verify_password"]
+__all__ = ["hash_password"]

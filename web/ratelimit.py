@@ -18,7 +18,7 @@ from sqlalchemy import Column, DateTime, Integer, Table, Text, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox.errors import ConfigError
-from outbox.settings import Settings
+from web.settings import Settings
 from web.users import metadata
 
 rate_limits_table = Table(

@@ -1,4 +1,4 @@
-"""The HTTP endpoints (DESIGN.md "HTTP (web)"), thin: read input, call one use case, answer.
+"""The HTTP endpoints, thin: read input, call one use case, answer.
 
 Every POST takes a form or a JSON body. A form post is answered with pages and redirects and must
 carry the CSRF token; a JSON post is answered with JSON. Whatever the input, the answer is a
@@ -54,7 +54,7 @@ def _page(
         request,
         name,
         site_name=settings.site_name,
-        secure_cookie=settings.base_url.startswith("https://"),
+        secure_cookie=settings.link_base.startswith("https://"),
         status_code=status_code,
         **context,
     )

@@ -2,7 +2,7 @@
 
 Both functions take an open connection and never commit: the route wraps each call in
 ``engine.begin()``, so the user row and its outbox message are committed together or not at all
-(DESIGN.md: a message exists if and only if the transaction commits).
+(a message exists if and only if the transaction commits).
 
 No account enumeration: the caller answers the same whatever happens here. A signup for an
 address that is already registered creates nothing and mails the owner a notice instead; the
@@ -17,8 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from outbox.enqueue import enqueue
 from outbox.message import EmailPayload
-from outbox.settings import Settings
 from web.mails import already_registered_mail, verification_mail
+from web.settings import Settings
 from web.tokens import make_token
 from web.users import User, create_user, find_user
 

@@ -10,9 +10,9 @@ from typing import TypedDict
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from outbox.settings import Settings
 from web.metrics import Metrics
 from web.ratelimit import RateLimits
+from web.settings import Settings
 
 
 class AppState(TypedDict):

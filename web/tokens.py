@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from itsdangerous import BadData, SignatureExpired, URLSafeTimedSerializer
 
 from outbox.errors import ConfigError
-from outbox.settings import Settings
+from web.settings import Settings
 
 SALT = "verify-email"
 # Real tokens are ~120 characters; refuse absurd input before doing any crypto on it.

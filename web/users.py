@@ -76,19 +76,6 @@ async def find_user(conn: AsyncConnection, *, email: str) -> User | None:
     return User(id=row.id, email=row.email, verified_at=row.verified_at) if row else None
 
 
-async def find_by_email(conn: AsyncConnection, email: str) -> dict[str, object] | None:
-    row = (
-        (
-            await conn.execute(
-                select(users_table).where(func.lower(users_table.c.email) == email.lower())
-            )
-        )
-        .mappings()
-        .first()
-    )
-    return dict(row) if row else None
-
-
 async def mark_verified(
     conn: AsyncConnection,
     *,
@@ -116,7 +103,6 @@ async def mark_verified(
 __all__ = [
     "User",
     "create_user",
-    "find_by_email",
     "find_user",
     "mark_verified",
     "metadata",

@@ -1,4 +1,4 @@
-"""Create the users and outbox tables.
+"""Create the users table, and the outbox table through the library's own migrations.
 
 Revision ID: 0001
 Revises:
@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.dialects import postgresql
+
+import outbox.migrate
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -20,55 +21,8 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.create_table(
-        "outbox",
-        sa.Column("id", sa.BigInteger(), sa.Identity(always=False), nullable=False),
-        sa.Column(
-            "message_id",
-            postgresql.UUID(as_uuid=True),
-            server_default=sa.text("gen_random_uuid()"),
-            nullable=False,
-        ),
-        sa.Column("topic", sa.Text(), nullable=False),
-        sa.Column("payload", postgresql.JSONB(), nullable=False),
-        sa.Column(
-            "created_at",
-            sa.DateTime(timezone=True),
-            server_default=sa.text("now()"),
-            nullable=False,
-        ),
-        sa.Column(
-            "available_at",
-            sa.DateTime(timezone=True),
-            server_default=sa.text("now()"),
-            nullable=False,
-        ),
-        sa.Column("attempts", sa.Integer(), server_default=sa.text("0"), nullable=False),
-        sa.Column("last_error", sa.Text(), nullable=True),
-        sa.Column("result", sa.Text(), nullable=True),
-        sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("dead_at", sa.DateTime(timezone=True), nullable=True),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_outbox")),
-        sa.UniqueConstraint("message_id", name=op.f("uq_outbox_message_id")),
-    )
-    op.create_index(
-        "ix_outbox_due",
-        "outbox",
-        ["available_at", "id"],
-        postgresql_where=sa.text("sent_at IS NULL AND dead_at IS NULL"),
-    )
-    op.create_index(
-        "ix_outbox_sent_at",
-        "outbox",
-        ["sent_at"],
-        postgresql_where=sa.text("sent_at IS NOT NULL"),
-    )
-    op.create_index(
-        "ix_outbox_dead_at",
-        "outbox",
-        ["dead_at"],
-        postgresql_where=sa.text("dead_at IS NOT NULL"),
-    )
+    # The library's table comes from the library, as in any host app (README, "Your own app").
+    outbox.migrate.upgrade(op.get_bind())
     op.create_table(
         "users",
         sa.Column("id", sa.BigInteger(), sa.Identity(always=False), nullable=False),
@@ -89,7 +43,4 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("uq_users_lower_email", table_name="users")
     op.drop_table("users")
-    op.drop_index("ix_outbox_dead_at", table_name="outbox")
-    op.drop_index("ix_outbox_sent_at", table_name="outbox")
-    op.drop_index("ix_outbox_due", table_name="outbox")
-    op.drop_table("outbox")
+    outbox.migrate.uninstall(op.get_bind())

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from outbox.capture import free_port
 from tests.acceptance.cli_helpers import OUTBOX, cli_env, wait_healthy
+from web.capture import free_port
 
 
 @contextmanager

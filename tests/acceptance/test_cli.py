@@ -10,9 +10,9 @@ import httpx
 import psycopg
 import pytest
 
-from outbox.capture import CaptureServer
 from outbox.settings import libpq_url
 from tests.acceptance.cli_helpers import cli_env, run_cli, start_cli
+from web.capture import CaptureServer
 
 
 def insert_emails(db_url: str, count: int) -> None:
@@ -99,8 +99,15 @@ def test_cli_dead_retry_and_purge(db_url: str) -> None:
     ("args", "env", "message"),
     [
         (("status",), {}, "DATABASE_URL is required"),
-        (("web",), {"DATABASE_URL": "postgresql://x@127.0.0.1/x"}, "SECRET_KEY is required"),
-        (("web",), {"SECRET_KEY": "k"}, "DATABASE_URL is required"),
+        (("web",), {}, "SECRET_KEY and BASE_URL and DATABASE_URL are required"),
+        (("web",), {"SECRET_KEY": "k"}, "BASE_URL and DATABASE_URL are required"),
+        (
+            ("web",),
+            {"SECRET_KEY": "k", "BASE_URL": "https://x.test"},
+            "DATABASE_URL is required",
+        ),
+        (("web", "--port", "70000"), {}, "not a port number"),
+        (("status",), {"SMTP_URL": "smtp://mail?tls=true"}, "unknown option"),
         (("relay",), {"SMTP_URL": "smtp://127.0.0.1:25"}, "DATABASE_URL is required"),
         (("relay", "--batch-size", "0"), {}, "must be at least 1"),
         (
@@ -108,7 +115,6 @@ def test_cli_dead_retry_and_purge(db_url: str) -> None:
             {"DATABASE_URL": "postgresql://x@127.0.0.1/x", "SMTP_URL": "smtp://127.0.0.1:25"},
             "no_such_module_xyz",
         ),
-        (("relay", "--once"), {"DATABASE_URL": "postgresql://x@127.0.0.1/x"}, "SMTP_URL"),
         (("status",), {"DATABASE_URL": "mysql://x/y"}, "DATABASE_URL must start with"),
         (("status",), {"DATABASE_URL": "postgresql://postgres@127.0.0.1:9/x"}, "cannot reach"),
         (("retry",), {"DATABASE_URL": "postgresql://x@127.0.0.1/x"}, "--all-dead"),
@@ -163,7 +169,7 @@ def test_cli_relay_sigterm_exits_zero_and_leaves_nothing_half_done(
 
 
 def test_cli_relay_metrics_port_and_json_log_lines(db_url: str, smtp_server: CaptureServer) -> None:
-    from outbox.capture import free_port
+    from web.capture import free_port
 
     insert_emails(db_url, 5)
     port = free_port()

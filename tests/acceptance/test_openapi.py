@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from outbox.capture import free_port
 from tests.acceptance.cli_helpers import cli_env, start_cli, wait_healthy
+from web.capture import free_port
 
 SCHEMATHESIS = str(Path(sys.executable).with_name("schemathesis"))
 # Every check about the server's own answers. Left out: positive_data_acceptance, because
@@ -32,6 +32,7 @@ def test_openapi_schemathesis_finds_no_failure(db_url: str, tmp_path: Path) -> N
     env = cli_env(
         DATABASE_URL=db_url,
         SECRET_KEY="schemathesis",
+        BASE_URL="http://127.0.0.1:8000",
         RATE_LIMIT_PER_IP="off",  # let every generated request reach the real code
         RATE_LIMIT_PER_EMAIL="off",
     )

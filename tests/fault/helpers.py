@@ -19,9 +19,9 @@ from typing import Any
 
 import psycopg
 
-from outbox.capture import CaptureServer
 from outbox.settings import libpq_url
 from tests.acceptance.cli_helpers import OUTBOX, cli_env
+from web.capture import CaptureServer
 
 ROOT = Path(__file__).resolve().parents[2]
 SCALE = float(os.environ.get("OUTBOX_FAULT_SCALE", "1"))

@@ -7,7 +7,6 @@ import time
 
 import pytest
 
-from outbox.capture import CaptureServer
 from tests.fault.helpers import (
     Delivered,
     RelayFactory,
@@ -17,6 +16,7 @@ from tests.fault.helpers import (
     scalar,
     scaled,
 )
+from web.capture import CaptureServer
 
 pytestmark = pytest.mark.fault
 

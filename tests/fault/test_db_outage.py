@@ -14,7 +14,6 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from outbox import migrate
-from outbox.capture import CaptureServer
 from outbox.settings import normalise_database_url
 from tests.fault.helpers import (
     Delivered,
@@ -28,6 +27,7 @@ from tests.fault.helpers import (
     terminate_backends,
     wait_until,
 )
+from web.capture import CaptureServer
 
 pytestmark = pytest.mark.fault
 

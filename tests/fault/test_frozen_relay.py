@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-from outbox.capture import CaptureServer
 from outbox.relay import RelayConfig
 from tests.fault.helpers import (
     Delivered,
@@ -20,6 +19,7 @@ from tests.fault.helpers import (
     sql,
     wait_until,
 )
+from web.capture import CaptureServer
 
 pytestmark = pytest.mark.fault
 

@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-from outbox.capture import CaptureServer
 from tests.fault.helpers import (
     Delivered,
     RelayFactory,
@@ -20,6 +19,7 @@ from tests.fault.helpers import (
     scaled,
     wait_until,
 )
+from web.capture import CaptureServer
 
 pytestmark = pytest.mark.fault
 

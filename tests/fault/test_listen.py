@@ -6,7 +6,6 @@ import time
 
 import pytest
 
-from outbox.capture import CaptureServer
 from tests.fault.helpers import (
     Delivered,
     RelayFactory,
@@ -15,6 +14,7 @@ from tests.fault.helpers import (
     terminate_backends,
     wait_until,
 )
+from web.capture import CaptureServer
 
 pytestmark = pytest.mark.fault
 

@@ -7,7 +7,6 @@ import time
 
 import pytest
 
-from outbox.capture import CaptureServer
 from tests.acceptance.cli_helpers import cli_env, run_cli
 from tests.fault.helpers import (
     Delivered,
@@ -18,6 +17,7 @@ from tests.fault.helpers import (
     sql,
     wait_until,
 )
+from web.capture import CaptureServer
 
 pytestmark = pytest.mark.fault
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from outbox.capture import CaptureServer
 from tests.fault.helpers import (
     Delivered,
     RelayFactory,
@@ -22,6 +21,7 @@ from tests.fault.helpers import (
     sql,
     wait_until,
 )
+from web.capture import CaptureServer
 
 pytestmark = pytest.mark.fault
 

@@ -14,7 +14,6 @@ import time
 
 import pytest
 
-from outbox.capture import CaptureServer
 from outbox.relay import RelayConfig
 from tests.fault.helpers import (
     Delivered,
@@ -24,6 +23,7 @@ from tests.fault.helpers import (
     sent_message_ids,
     wait_until,
 )
+from web.capture import CaptureServer
 
 pytestmark = pytest.mark.fault
 

@@ -7,7 +7,6 @@ from collections import Counter
 
 import pytest
 
-from outbox.capture import CaptureServer
 from tests.fault.helpers import (
     Delivered,
     RelayFactory,
@@ -18,6 +17,7 @@ from tests.fault.helpers import (
     sql,
     wait_until,
 )
+from web.capture import CaptureServer
 
 pytestmark = pytest.mark.fault
 

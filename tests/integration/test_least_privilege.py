@@ -9,11 +9,11 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from outbox import Relay
-from outbox.capture import CaptureServer
 from outbox.db import create_engine
 from outbox.settings import libpq_url
 from tests.integration.test_relay import email_registry
 from tests.integration.test_web import make_settings, serve
+from web.capture import CaptureServer
 
 SCRIPT = Path(__file__).resolve().parents[2] / "docs" / "least-privilege.sql"
 

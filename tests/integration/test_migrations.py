@@ -10,8 +10,8 @@ import psycopg
 from alembic import command
 from sqlalchemy import create_engine, inspect
 
-from outbox import migrate
 from outbox.settings import libpq_url
+from web import migrate
 
 ROOT = Path(__file__).resolve().parents[2]
 ALEMBIC = str(Path(sys.executable).with_name("alembic"))

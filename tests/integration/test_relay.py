@@ -10,9 +10,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox import HandlerRegistry, Relay, RelayConfig, enqueue
-from outbox.capture import CaptureServer
 from outbox.mail import SmtpSender
 from outbox.settings import SmtpConfig
+from web.capture import CaptureServer
 
 MAIL_FROM = "noreply@example.test"
 

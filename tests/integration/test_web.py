@@ -23,13 +23,14 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox import HandlerRegistry, Relay
-from outbox.capture import CaptureServer, free_port
 from outbox.errors import ConfigError
 from outbox.mail import SmtpSender
-from outbox.settings import Settings, SmtpConfig
+from outbox.settings import SmtpConfig
 from tests.integration.web_fixtures import lifespan_running
 from web import routes
 from web.app import create_app
+from web.capture import CaptureServer, free_port
+from web.settings import Settings
 
 BASE = "http://testserver"
 SECRET = "test-secret-key"

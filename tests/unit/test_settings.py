@@ -1,11 +1,18 @@
-"""Settings come from one environment mapping and fail early with the variable's name."""
+"""Settings come from one environment mapping and fail early with the variable's name.
+
+The library's processes read only what they use (``outbox.settings``); the app's settings
+(``web.settings``) hold its secret, links and limits.
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 
 from outbox.errors import ConfigError
 from outbox.settings import Settings, SmtpConfig, libpq_url
+from web.settings import Settings as AppSettings
 
 
 @pytest.mark.parametrize(
@@ -18,13 +25,14 @@ def test_settings_accept_every_postgres_spelling(url: str) -> None:
     assert libpq_url(url) == "postgresql://u@h/db"
 
 
-def test_settings_defaults() -> None:
-    s = Settings.from_env({})
-    assert (s.mail_from, s.site_name, s.base_url) == (
-        "noreply@localhost",
-        "Outbox Demo",
-        "http://127.0.0.1:8000",
-    )
+def test_settings_library_holds_no_app_setting() -> None:
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    assert fields == {"database_url", "smtp_url", "mail_from"}
+
+
+def test_settings_app_defaults() -> None:
+    s = AppSettings.from_env({})
+    assert (s.mail_from, s.site_name, s.base_url) == ("noreply@localhost", "Outbox Demo", None)
     assert s.database_url is None and s.secret_key is None
 
 
@@ -33,8 +41,13 @@ def test_settings_reject_bad_values_naming_the_variable() -> None:
         Settings.from_env({"DATABASE_URL": "mysql://x/y"})
     with pytest.raises(ConfigError, match="SMTP_URL"):
         Settings.from_env({"SMTP_URL": "http://mail"})
-    with pytest.raises(ConfigError, match="SMTP_URL"):
-        Settings.from_env({}).require("smtp_url")
+    with pytest.raises(ConfigError, match="BASE_URL"):
+        AppSettings.from_env({"BASE_URL": "example.com"})
+
+
+def test_settings_report_every_missing_variable_at_once() -> None:
+    with pytest.raises(ConfigError, match="SECRET_KEY and BASE_URL and DATABASE_URL are required"):
+        AppSettings.from_env({}).require("secret_key", "base_url", "database_url")
 
 
 def test_settings_smtp_url_forms() -> None:
@@ -49,3 +62,8 @@ def test_settings_smtp_url_forms() -> None:
     assert (tls.port, tls.use_tls, tls.username, tls.password) == (465, True, "user@x", "p:ss")
     starttls = SmtpConfig.from_url("smtp://mail.example:587?starttls=true")
     assert starttls.start_tls and not starttls.use_tls
+
+
+def test_settings_smtp_url_unknown_option_is_an_error_not_plain_text() -> None:
+    with pytest.raises(ConfigError, match="unknown option.*tls"):
+        SmtpConfig.from_url("smtp://mail.example:465?tls=true")

@@ -21,12 +21,15 @@ from typing import Any
 
 import uvicorn
 
-from outbox import migrate
-from outbox.capture import CaptureServer, free_port
+from outbox import settings as outbox_settings
 from outbox.relay import RelayConfig
 from outbox.runner import open_relay
-from outbox.settings import Settings
 from outbox.signals import on_stop
+from web import migrate
+from web.app import create_app
+from web.capture import CaptureServer, free_port
+from web.devmail import dev_mail_routes
+from web.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -58,14 +61,14 @@ def _embedded_postgres(data: Path) -> Any:
 
 
 async def _serve(settings: Settings, capture: CaptureServer | None, host: str, port: int) -> None:
-    from web.app import create_app
-    from web.devmail import dev_mail_routes
-
     extra = dev_mail_routes(capture) if capture is not None else []
     app = create_app(settings, extra_routes=extra)
     server = _Server(uvicorn.Config(app, host=host, port=port, log_config=None, lifespan="on"))
     config = RelayConfig(poll_interval=2.0, backoff_base=1.0, backoff_cap=60.0)
-    async with open_relay(settings, config) as relay:
+    relay_settings = outbox_settings.Settings(
+        database_url=settings.database_url, smtp_url=settings.smtp_url, mail_from=settings.mail_from
+    )
+    async with open_relay(relay_settings, config) as relay:
 
         def stop() -> None:
             print("\nstopping ...", file=sys.stderr)
@@ -81,6 +84,11 @@ async def _serve(settings: Settings, capture: CaptureServer | None, host: str, p
                 print(f"\n  outbox dev is running: {settings.base_url}/users/register", flush=True)
                 if capture is not None:
                     print(f"  captured mail:         {settings.base_url}/dev/mail", flush=True)
+                print(
+                    f"  database:              DATABASE_URL='{settings.database_url}'\n"
+                    "                         (set it to run outbox status, dead, retry ...)",
+                    flush=True,
+                )
                 print("  press Ctrl-C to stop\n", flush=True)
             done, _ = await asyncio.wait(
                 {web_task, relay_task}, return_when=asyncio.FIRST_COMPLETED
@@ -102,7 +110,7 @@ def run_dev(settings: Settings, *, host: str, port: int, data_dir: str) -> int:
             settings = settings.with_overrides(database_url=pg.get_uri())
         if settings.secret_key is None:
             settings = settings.with_overrides(secret_key=_secret_key(data))
-        if settings.base_url == Settings.base_url:  # not configured: point links at this server
+        if settings.base_url is None:  # not configured: point links at this server
             settings = settings.with_overrides(base_url=f"http://{host}:{port}")
         if settings.smtp_url is None:
             capture = CaptureServer(port=free_port()).start()
