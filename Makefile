@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml web/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]' -e ./web
+	$(BIN)/pip install --quiet -e '.[dev,dashboard]' -e ./web
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,4 +1,4 @@
-"""The operator's commands: status counts, dead messages, retry and purge."""
+"""The operator's commands: status counts, dead messages, retry, discard and purge."""
 
 from __future__ import annotations
 
@@ -52,6 +52,19 @@ async def retry(
     """Make dead messages due again with a fresh attempt budget; returns the ids requeued."""
     async with engine.begin() as conn:
         return await queries.requeue_dead(conn, ids=ids, all_dead=all_dead, now=now)
+
+
+async def discard(
+    engine: AsyncEngine, *, ids: list[int], all_dead: bool, dead_until: datetime | None = None
+) -> list[int]:
+    """Delete dead messages (``ids``, or every dead one, or every one dead by ``dead_until``);
+    returns the ids deleted. Messages in any other state are left alone, so a discard can never
+    drop mail that may still go out."""
+    async with engine.begin() as conn:
+        deleted = await queries.delete_dead(conn, ids=ids, all_dead=all_dead, dead_until=dead_until)
+    if deleted:
+        logger.info("discarded %d dead messages", len(deleted), extra={"action": "discard_dead"})
+    return deleted
 
 
 async def purge(

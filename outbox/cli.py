@@ -1,4 +1,5 @@
-"""The ``outbox`` command: relay, migrate, status, dead, retry, purge; web and dev from the app.
+"""The ``outbox`` command: relay, migrate, status, dead, retry, purge, discard, admin; and web
+and dev from the signup app.
 
 User mistakes (a missing variable, a bad flag, a database that does not answer) end in one line
 on stderr and a non-zero exit, never a traceback.
@@ -158,6 +159,16 @@ def _build_parser(app_commands: dict[str, AppCommand]) -> argparse.ArgumentParse
 
     purge = sub.add_parser("purge", help="delete sent messages older than a duration")
     purge.add_argument("--older-than", type=_duration, required=True, metavar="DURATION")
+
+    discard = sub.add_parser("discard", help="delete dead messages (and nothing else)")
+    discard.add_argument("ids", nargs="*", type=_positive_int, metavar="ID")
+    discard.add_argument("--all-dead", action="store_true", help="every dead message")
+
+    admin_cmd = sub.add_parser(
+        "admin", help="serve the operator dashboard (needs ADMIN_PASSWORD) at /admin"
+    )
+    admin_cmd.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    admin_cmd.add_argument("--port", type=int, default=8001, help="port to bind (8001)")
     return parser
 
 
@@ -234,6 +245,54 @@ def _cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_discard(settings: Settings, args: argparse.Namespace) -> int:
+    if bool(args.ids) == bool(args.all_dead):
+        raise UsageError("give message IDs or --all-dead (one of them)")
+    deleted = _run(
+        lambda: _with_engine(
+            settings, lambda e: admin.discard(e, ids=args.ids, all_dead=args.all_dead)
+        )
+    )
+    missing = sorted(set(args.ids) - set(deleted))
+    print(f"discarded {len(deleted)} dead message(s)" + (f": {deleted}" if deleted else ""))
+    if missing:
+        print(f"not dead or not found (left alone): {missing}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_admin(settings: Settings, args: argparse.Namespace) -> int:
+    """The dashboard on its own server: ``/admin`` behind a login, ``/healthz``, ``/`` -> /admin.
+
+    ADMIN_PASSWORD is read here, by the process, rather than kept in ``Settings``: only this
+    command uses it.
+    """
+    import os
+
+    missing = [] if os.environ.get("ADMIN_PASSWORD") else ["ADMIN_PASSWORD"]
+    missing += [] if settings.database_url else ["DATABASE_URL"]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise ConfigError(f"{' and '.join(missing)} {verb} required (set in the environment)")
+    assert settings.database_url is not None
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be between 1 and 65535, not {args.port}")
+    try:
+        import uvicorn
+
+        from outbox.dashboard.server import create_admin_server
+    except ImportError as exc:
+        raise UsageError(
+            f"the dashboard needs its extra ({exc.name} is missing): "
+            "pip install 'outbox[dashboard]'"
+        ) from None
+    app = create_admin_server(settings.database_url, password=os.environ["ADMIN_PASSWORD"])
+    logs.configure()
+    print(f"outbox admin: http://{args.host}:{args.port}/admin", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_config=None)
+    return 0
+
+
 def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     from outbox import migrate
 
@@ -290,6 +349,8 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "dead": _cmd_dead,
     "retry": _cmd_retry,
     "purge": _cmd_purge,
+    "discard": _cmd_discard,
+    "admin": _cmd_admin,
 }
 
 

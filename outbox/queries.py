@@ -360,3 +360,32 @@ DELETE_SENT_BEFORE = text(
 async def delete_sent_before(conn: AsyncConnection, *, before: datetime, limit: int) -> int:
     result = await conn.execute(DELETE_SENT_BEFORE, {"before": before, "limit": limit})
     return int(result.rowcount)
+
+
+# --- DELETE_DEAD ------------------------------------------------------------------------------
+# `outbox discard` and the dashboard's Discard: delete dead rows, and only dead rows, so a
+# message that was retried meanwhile (no longer dead) is never deleted by a stale click. The
+# ids come through the primary key; --all-dead walks ix_outbox_dead_at. ``dead_until`` (the
+# dashboard's "Discard all dead", confirmed on a page that showed the dead messages up to that
+# moment) keeps the messages that died after the operator looked.
+DELETE_DEAD = text(
+    """
+    DELETE FROM outbox
+    WHERE dead_at IS NOT NULL AND (CAST(:all_dead AS boolean) OR id = ANY(CAST(:ids AS bigint[])))
+      AND (CAST(:dead_until AS timestamptz) IS NULL
+           OR dead_at <= CAST(:dead_until AS timestamptz))
+    RETURNING id
+    """
+)
+
+
+async def delete_dead(
+    conn: AsyncConnection,
+    *,
+    ids: Sequence[int],
+    all_dead: bool,
+    dead_until: datetime | None = None,
+) -> list[int]:
+    params = {"ids": list(ids), "all_dead": all_dead, "dead_until": dead_until}
+    result = await conn.execute(DELETE_DEAD, params)
+    return sorted(row[0] for row in result)

@@ -20,8 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from starlette.routing import BaseRoute, Mount
+from starlette.types import ASGIApp
 
 from outbox import settings as outbox_settings
+from outbox.dashboard import create_dashboard
+from outbox.db import create_engine
 from outbox.relay import RelayConfig
 from outbox.runner import open_relay
 from outbox.signals import on_stop
@@ -61,8 +65,24 @@ def _embedded_postgres(data: Path) -> Any:
 
 
 async def _serve(settings: Settings, capture: CaptureServer | None, host: str, port: int) -> None:
-    extra = dev_mail_routes(capture) if capture is not None else []
-    app = create_app(settings, extra_routes=extra)
+    assert settings.database_url is not None
+    # The operator dashboard at /admin, without a login: dev binds 127.0.0.1 and is one person's.
+    dashboard_engine = create_engine(
+        settings.database_url, application_name="outbox-dashboard", pool_size=2
+    )
+    try:
+        extra: list[BaseRoute] = [
+            Mount("/admin", app=create_dashboard(dashboard_engine, password=None))
+        ]
+        extra += dev_mail_routes(capture) if capture is not None else []
+        await _serve_app(create_app(settings, extra_routes=extra), settings, capture, host, port)
+    finally:
+        await dashboard_engine.dispose()
+
+
+async def _serve_app(
+    app: ASGIApp, settings: Settings, capture: CaptureServer | None, host: str, port: int
+) -> None:
     server = _Server(uvicorn.Config(app, host=host, port=port, log_config=None, lifespan="on"))
     config = RelayConfig(poll_interval=2.0, backoff_base=1.0, backoff_cap=60.0)
     relay_settings = outbox_settings.Settings(
@@ -84,6 +104,7 @@ async def _serve(settings: Settings, capture: CaptureServer | None, host: str, p
                 print(f"\n  outbox dev is running: {settings.base_url}/users/register", flush=True)
                 if capture is not None:
                     print(f"  captured mail:         {settings.base_url}/dev/mail", flush=True)
+                print(f"  the queue (dashboard): {settings.base_url}/admin", flush=True)
                 print(
                     f"  database:              DATABASE_URL='{settings.database_url}'\n"
                     "                         (set it to run outbox status, dead, retry ...)",

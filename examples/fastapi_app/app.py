@@ -21,6 +21,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import outbox
 import outbox.migrate
+from outbox.dashboard import create_dashboard
 
 
 class Base(DeclarativeBase):
@@ -49,21 +50,24 @@ async def session(request: Request) -> AsyncIterator[AsyncSession]:
         yield s
 
 
-def create_app(database_url: str | None = None) -> FastAPI:
+def create_app(database_url: str | None = None, *, admin_password: str | None = None) -> FastAPI:
     url = (database_url or os.environ["DATABASE_URL"]).replace(
         "postgresql://", "postgresql+psycopg://", 1
     )
+    admin_password = admin_password or os.environ.get("ADMIN_PASSWORD")
+    engine = create_async_engine(url)  # connects on first use
     site_name = os.environ.get("SITE_NAME", "FastAPI Example")
     base_url = os.environ.get("BASE_URL", "http://127.0.0.1:8000")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = create_async_engine(url)
         app.state.sessions = async_sessionmaker(engine, expire_on_commit=False)
         yield
         await engine.dispose()
 
     app = FastAPI(lifespan=lifespan)
+    if admin_password:  # the queue's dashboard, behind a login (pip install 'outbox[dashboard]')
+        app.mount("/admin", create_dashboard(engine, password=admin_password))
 
     @app.post("/users/register")
     async def register(

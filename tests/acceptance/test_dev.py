@@ -31,6 +31,8 @@ def test_dev_serves_the_tour_and_stops_everything_on_ctrl_c(tmp_path: Path) -> N
         )
         assert answer.status_code == 202
         [link] = wait_for_mail(base, 1)
+        dashboard = httpx.get(f"{base}/admin/")  # dev mounts the dashboard, no login
+        assert dashboard.status_code == 200 and "oldest" in dashboard.text.lower()
         mail_page = httpx.get(f"{base}{link}").text
         assert "Congratulations, you are a member of Outbox Demo now." in mail_page
         verify = re.search(r'href="(http://[^"]+/users/verify\?token=[^"]+)"', mail_page)

@@ -161,3 +161,11 @@ def test_app_wheel_migrates_and_serves_without_the_repository(
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_library_alone_says_the_dashboard_needs_its_extra(library_bin: Path) -> None:
+    env = cli_env(PATH="/usr/bin:/bin", ADMIN_PASSWORD="pw", DATABASE_URL="postgresql://x@h/db")
+    result = run(library_bin / "outbox", "admin", env=env)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.endswith("pip install 'outbox[dashboard]'")

@@ -67,13 +67,15 @@ def test_fastapi_example_signup_mails_the_link(
     empty_db_url: str, smtp_server: CaptureServer
 ) -> None:
     setup_database(empty_db_url)
-    with TestClient(create_fastapi_app(empty_db_url)) as client:
+    with TestClient(create_fastapi_app(empty_db_url, admin_password="pw")) as client:
         signup = client.post(
             "/users/register", data={"email": "bo@example.test"}, follow_redirects=False
         )
         duplicate = client.post(
             "/users/register", data={"email": "bo@example.test"}, follow_redirects=False
         )
+        login = client.get("/admin/", follow_redirects=True)  # the mounted dashboard
+    assert login.status_code == 200 and 'type="password"' in login.text
     assert signup.status_code == 303
     assert duplicate.status_code == 409
     assert count(empty_db_url, "SELECT count(*) FROM outbox") == 1
