@@ -379,7 +379,11 @@ def _window_rates(times: list[float], windows: int = 8) -> list[float]:
 
 async def _writer(url: str, notify: bool, seconds: float, tasks: int) -> int:
     insert = INSERT_NOTIFY_SQL if notify else INSERT_SQL
-    user_sql = "INSERT INTO users (email, password_hash) VALUES (%(email)s, %(hash)s) RETURNING id"
+    # email_key: the address's canonical key (web.identity); these addresses are already canonical.
+    user_sql = (
+        "INSERT INTO users (email, email_key, password_hash)"
+        " VALUES (%(email)s, %(email)s, %(hash)s) RETURNING id"
+    )
     count = 0
     stop_at = time.monotonic() + seconds
 

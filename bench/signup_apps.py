@@ -128,9 +128,9 @@ def create_app(kind: str) -> Starlette:
             return JSONResponse({"error": "invalid"}, status_code=400)
         password_hash = await hash_password(password)
         async with state["engine"].begin() as conn:
-            user_id = await create_user(conn, email=email, password_hash=password_hash)
-        if user_id is not None and kind != "nomail":
-            token = make_token(settings, user_id=user_id, email=email)
+            user = await create_user(conn, email=email, password_hash=password_hash)
+        if user is not None and kind != "nomail":
+            token = make_token(settings, user_id=user.id, nonce=user.token_nonce)
             mail = verification_mail(settings, to=email, token=token)
             if kind == "inline":
                 host, port = _smtp_target()

@@ -23,9 +23,11 @@ GRANT USAGE ON SCHEMA public TO outbox_web, outbox_relay;
 
 -- The web app: create users and verify them, enqueue mail (and read back the new message's
 -- UUID, which INSERT ... RETURNING needs), count rate limits. It cannot read, change or delete
--- queued mail, nor touch password hashes beyond inserting them.
-GRANT SELECT (id, email, verified_at), INSERT (email, password_hash) ON users TO outbox_web;
-GRANT UPDATE (verified_at) ON users TO outbox_web;
+-- queued mail, nor read password hashes (it writes them: a signup for an address whose account is
+-- not verified yet replaces the password and the token nonce).
+GRANT SELECT (id, email, email_key, token_nonce, verified_at) ON users TO outbox_web;
+GRANT INSERT (email, email_key, password_hash) ON users TO outbox_web;
+GRANT UPDATE (email, verified_at, password_hash, token_nonce) ON users TO outbox_web;
 GRANT INSERT (topic, payload, available_at), SELECT (message_id) ON outbox TO outbox_web;
 GRANT SELECT, INSERT, UPDATE, DELETE ON rate_limits TO outbox_web;
 

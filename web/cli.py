@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from outbox import logs
+from outbox.cli import UsageError
 from web.settings import Settings
 
 
@@ -29,16 +30,48 @@ class WebCommand:
     def configure(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
         parser.add_argument("--port", type=_port, default=8000, help="port to bind (8000)")
+        parser.add_argument(
+            "--workers",
+            type=int,
+            default=1,
+            help="only 1: run one `outbox web` per core behind your proxy instead (README)",
+        )
+        parser.add_argument(
+            "--metrics-port",
+            type=_port,
+            help="serve /metrics on this port only, not on the app's port (default: the app's)",
+        )
+        parser.add_argument(
+            "--metrics-host", default="127.0.0.1", help="address of --metrics-port (127.0.0.1)"
+        )
+        parser.add_argument(
+            "--client-timeout",
+            type=float,
+            default=10.0,
+            help="seconds a client gets to send its headers, and again its body (10)",
+        )
 
     def run(self, args: argparse.Namespace) -> int:
-        import uvicorn
-
-        from web.app import create_app
+        if args.workers != 1:
+            raise UsageError(
+                "--workers: run one `outbox web` per core (each with its own --port, or behind "
+                "one proxy) instead of worker processes; see the README's production recipe"
+            )
+        if args.client_timeout <= 0:
+            raise UsageError("--client-timeout must be a positive number of seconds")
+        from web.server import serve
 
         settings = Settings.from_env()
-        app = create_app(settings)
+        settings.require("secret_key", "base_url", "database_url")
         logs.configure()
-        uvicorn.run(app, host=args.host, port=args.port, log_config=None)
+        serve(
+            settings,
+            host=args.host,
+            port=args.port,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
+            client_timeout_s=args.client_timeout,
+        )
         return 0
 
 

@@ -57,6 +57,16 @@ def _json_post(summary: str, body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _busy(operation: dict[str, Any]) -> dict[str, Any]:
+    """``operation`` with the 503 a signup gets when every password-hashing place is taken."""
+    busy = _json(_ERROR, "Every password-hashing place is taken; try again shortly.")
+    busy["headers"] = {
+        "Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}
+    }
+    operation["responses"]["503"] = busy
+    return operation
+
+
 _EMAIL = {"type": "string", "format": "email", "maxLength": 254}
 _HTML = {"text/html": {"schema": {"type": "string"}}}
 
@@ -77,16 +87,18 @@ DOCUMENT: dict[str, Any] = {
                 "summary": "The sign-up form (HTML)",
                 "responses": {"200": {"description": "The form.", "content": _HTML}},
             },
-            "post": _json_post(
-                "Create an account and mail its verification link",
-                {
-                    "type": "object",
-                    "required": ["email", "password"],
-                    "properties": {
-                        "email": _EMAIL,
-                        "password": {"type": "string", "minLength": 8, "maxLength": 1024},
+            "post": _busy(
+                _json_post(
+                    "Create an account and mail its verification link",
+                    {
+                        "type": "object",
+                        "required": ["email", "password"],
+                        "properties": {
+                            "email": _EMAIL,
+                            "password": {"type": "string", "minLength": 8, "maxLength": 1024},
+                        },
                     },
-                },
+                )
             ),
         },
         "/users/verify/resend": {
@@ -97,15 +109,46 @@ DOCUMENT: dict[str, Any] = {
         },
         "/users/verify": {
             "get": {
-                "summary": "Follow the mailed link",
+                "summary": "Follow the mailed link: a page with a Confirm button (changes nothing)",
                 "parameters": [
                     {"name": "token", "in": "query", "required": True, "schema": {"type": "string"}}
                 ],
                 "responses": {
-                    "200": {"description": "The address is verified.", "content": _HTML},
-                    "400": {"description": "Tampered, malformed or expired.", "content": _HTML},
+                    "200": {"description": "The confirm page.", "content": _HTML},
+                    "400": {
+                        "description": "Tampered, malformed, expired or superseded.",
+                        "content": _HTML,
+                    },
                 },
-            }
+            },
+            "post": {
+                "summary": "Confirm the address (the Confirm button; forms also send CSRF)",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["token"],
+                                "properties": {"token": {"type": "string"}},
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["status"],
+                            "properties": {"status": {"const": "verified"}},
+                        },
+                        "Verified (again, if it already was).",
+                    ),
+                    "400": _json(_ERROR, "Tampered, malformed, expired or superseded."),
+                    "413": _json(_ERROR, "The body is larger than 64 KiB."),
+                    "415": _json(_ERROR, "The body is neither JSON nor a form."),
+                },
+            },
         },
         "/healthz": {
             "get": {

@@ -15,6 +15,7 @@ from starlette.responses import Response
 from starlette.templating import Jinja2Templates
 
 from web import csrf
+from web.settings import Settings
 
 # Jinja2Templates(directory=...) turns autoescaping on for .html files.
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
@@ -34,21 +35,25 @@ def render(
     request: Request[Any],
     name: str,
     *,
-    site_name: str,
-    secure_cookie: bool,
+    settings: Settings,
     status_code: int = 200,
     **context: Any,
 ) -> Response:
     """Render template ``name`` with ``context``, the site name and a CSRF token."""
-    token = csrf.token_for(request)
+    token = csrf.token_for(request, settings)
     response = templates.TemplateResponse(
         request,
         name,
-        {"site_name": site_name, "csrf_field": csrf.FIELD_NAME, "csrf_token": token, **context},
+        {
+            "site_name": settings.site_name,
+            "csrf_field": csrf.FIELD_NAME,
+            "csrf_token": token,
+            **context,
+        },
         status_code=status_code,
         headers=_HEADERS,
     )
-    csrf.set_cookie(response, token, secure=secure_cookie)
+    csrf.set_cookie(response, token, settings)
     return response
 
 

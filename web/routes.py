@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import NoReturn
 
 from sqlalchemy import text
@@ -21,10 +23,10 @@ from web import csrf, forms, pages, ratelimit, signup
 from web.forms import FieldError, Submission
 from web.metrics import CONTENT_TYPE
 from web.openapi import DOCUMENT
-from web.passwords import hash_password
+from web.passwords import HashingBusyError, hash_password
 from web.state import AppState
-from web.tokens import TokenExpiredError, TokenInvalidError, read_token
-from web.users import mark_verified
+from web.tokens import TokenClaims, TokenExpiredError, TokenInvalidError, read_token
+from web.users import find_by_token, mark_verified
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,9 @@ HEALTHZ_TIMEOUT_S = 2.0
 _SENT = {"status": "verification_sent"}
 _EXPIRED_FORM = "This form has expired. Please try again."
 _TOO_MANY = "Too many requests. Please wait a while and try again."
+_BUSY = "The server is busy. Please try again in a moment."
+# Seconds a client is asked to wait when every password-hashing slot is taken.
+BUSY_RETRY_AFTER_S = 2
 
 
 class _Rejected(Exception):
@@ -49,14 +54,8 @@ class _Rejected(Exception):
 def _page(
     request: Request[AppState], name: str, *, status_code: int = 200, **context: object
 ) -> Response:
-    settings = request.state["settings"]
     return pages.render(
-        request,
-        name,
-        site_name=settings.site_name,
-        secure_cookie=settings.link_base.startswith("https://"),
-        status_code=status_code,
-        **context,
+        request, name, settings=request.state["settings"], status_code=status_code, **context
     )
 
 
@@ -93,7 +92,12 @@ async def _read(request: Request[AppState], *, form: str) -> Submission:
         raise _Rejected(
             reason, _error(request, error, status=exc.status, as_json=exc.is_json, form=form)
         ) from None
-    if not submission.is_json and not csrf.is_valid(request, submission.text(csrf.FIELD_NAME)):
+    except forms.DisconnectedError:
+        raise _Rejected("disconnected", Response(status_code=400)) from None
+    settings = request.state["settings"]
+    if not submission.is_json and not csrf.is_valid(
+        request, submission.text(csrf.FIELD_NAME), settings
+    ):
         response = _error(
             request,
             FieldError(None, _EXPIRED_FORM),
@@ -163,17 +167,40 @@ async def register(request: Request[AppState]) -> Response:
         parsed = forms.parse_signup(submission)
         if isinstance(parsed, FieldError):
             _reject_invalid(request, submission, parsed, form="register")
-        await _check_rate(request, submission, action="signup", email=parsed.email, form="register")
+        async with _hashing_place(request, submission):
+            await _check_rate(
+                request, submission, action="signup", email=parsed.email, form="register"
+            )
+            password_hash = await hash_password(parsed.password, gate=state["hashing"])
     except _Rejected as rejected:
         state["metrics"].signups.labels(rejected.reason).inc()
         return rejected.response
-    password_hash = await hash_password(parsed.password)
     async with state["engine"].begin() as conn:
         await signup.register(
             conn, email=parsed.email, password_hash=password_hash, settings=state["settings"]
         )
     state["metrics"].signups.labels("accepted").inc()
     return _accepted(submission)
+
+
+@asynccontextmanager
+async def _hashing_place(request: Request[AppState], submission: Submission) -> AsyncIterator[None]:
+    """A place in the hashing gate, or ``_Rejected`` with a 503 and Retry-After when it is full
+    (web.passwords: hashing is bounded, never queued without end)."""
+    try:
+        async with request.state["hashing"].admit():
+            yield
+    except HashingBusyError:
+        response = _error(
+            request,
+            FieldError(None, _BUSY),
+            status=503,
+            as_json=submission.is_json,
+            form="register",
+            email=submission.text("email") or "",
+        )
+        response.headers["Retry-After"] = str(BUSY_RETRY_AFTER_S)
+        raise _Rejected("busy", response) from None
 
 
 async def register_success(request: Request[AppState]) -> Response:
@@ -195,25 +222,79 @@ async def resend(request: Request[AppState]) -> Response:
     return _accepted(submission)
 
 
-async def verify(request: Request[AppState]) -> Response:
-    """Mark the account verified; clicking again is fine; a bad or old link gets a 400 page."""
-    state = request.state
-    counter = state["metrics"].verifications
+def _claims(request: Request[AppState], token: str) -> TokenClaims | Response:
+    """The token's claims, or the 400 page (counted) for a bad or expired token."""
+    counter = request.state["metrics"].verifications
     try:
-        claims = read_token(state["settings"], request.query_params.get("token", ""))
+        return read_token(request.state["settings"], token)
     except TokenExpiredError:
         counter.labels("expired").inc()
         return _page(request, "error.html", status_code=400, reason="expired")
     except TokenInvalidError:
         counter.labels("invalid").inc()
         return _page(request, "error.html", status_code=400, reason="invalid")
+
+
+def _superseded(request: Request[AppState]) -> Response:
+    """The account is gone, or a later signup replaced the link (or the address changed)."""
+    request.state["metrics"].verifications.labels("invalid").inc()
+    return _page(request, "error.html", status_code=400, reason="invalid")
+
+
+async def verify_page(request: Request[AppState]) -> Response:
+    """The page a mailed link opens: names the address and shows a Confirm button.
+
+    It changes nothing (nor does HEAD): mail scanners and link previews fetch links, and the
+    first version verified on GET, so a scanner confirmed an account nobody had looked at.
+    """
+    claims = _claims(request, request.query_params.get("token", ""))
+    if isinstance(claims, Response):
+        return claims
+    async with request.state["engine"].connect() as conn:
+        user = await find_by_token(conn, user_id=claims.user_id, nonce=claims.nonce)
+    if user is None:
+        return _superseded(request)
+    return _page(
+        request,
+        "confirm.html",
+        email=user.email,
+        token=request.query_params["token"],
+        verified=user.verified_at is not None,
+    )
+
+
+async def verify(request: Request[AppState]) -> Response:
+    """Confirm: set verified_at (a second confirm is fine); a bad or old token gets a 400 page.
+
+    A form post (field ``token`` and the CSRF field) is answered with pages; a JSON post
+    (``{"token": ...}``) with JSON.
+    """
+    state = request.state
+    try:
+        submission = await _read(request, form="resend")
+    except _Rejected as rejected:
+        return rejected.response
+    claims = _claims(request, submission.text("token") or "")
+    if isinstance(claims, Response):
+        if submission.is_json:
+            return _json_token_error(claims.status_code)
+        return claims
     async with state["engine"].begin() as conn:
-        found = await mark_verified(conn, user_id=claims.user_id, email=claims.email)
-    if not found:  # the account is gone (or the token names another address)
-        counter.labels("invalid").inc()
-        return _page(request, "error.html", status_code=400, reason="invalid")
-    counter.labels("verified").inc()
-    return _page(request, "verify.html", email=claims.email)
+        user = await mark_verified(conn, user_id=claims.user_id, nonce=claims.nonce)
+    if user is None:
+        response = _superseded(request)
+        return _json_token_error(400) if submission.is_json else response
+    state["metrics"].verifications.labels("verified").inc()
+    if submission.is_json:
+        return JSONResponse({"status": "verified"})
+    return _page(request, "verify.html", email=user.email)
+
+
+def _json_token_error(status: int) -> Response:
+    return JSONResponse(
+        {"error": "The link is not valid (tampered, expired or replaced).", "field": "token"},
+        status_code=status,
+    )
 
 
 async def healthz(request: Request[AppState]) -> Response:
@@ -234,7 +315,8 @@ async def healthz(request: Request[AppState]) -> Response:
 
 async def metrics(request: Request[AppState]) -> Response:
     """Prometheus text format, from the app's own registry."""
-    return Response(request.state["metrics"].exposition(), media_type=CONTENT_TYPE)
+    body = await request.state["metrics"].exposition_async()
+    return Response(body, media_type=CONTENT_TYPE)
 
 
 async def openapi(request: Request[AppState]) -> Response:
@@ -246,11 +328,12 @@ ROUTES: list[BaseRoute] = [
     Route("/users/register", register_form, methods=["GET"], name="register_form"),
     Route("/users/register", register, methods=["POST"], name="register"),
     Route(SUCCESS_PATH, register_success, methods=["GET"], name="register_success"),
-    Route("/users/verify", verify, methods=["GET"], name="verify"),
+    Route("/users/verify", verify_page, methods=["GET"], name="verify_page"),
+    Route("/users/verify", verify, methods=["POST"], name="verify"),
     Route("/users/verify/resend", resend, methods=["POST"], name="resend"),
     Route("/healthz", healthz, methods=["GET"], name="healthz"),
     Route("/metrics", metrics, methods=["GET"], name="metrics"),
     Route("/openapi.json", openapi, methods=["GET"], name="openapi"),
 ]
 
-__all__ = ["HEALTHZ_TIMEOUT_S", "ROUTES"]
+__all__ = ["BUSY_RETRY_AFTER_S", "HEALTHZ_TIMEOUT_S", "ROUTES"]

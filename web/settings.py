@@ -31,6 +31,10 @@ class Settings:
     # Rate limits ("20/hour", "5/10m", "off"); parsed by web.ratelimit.
     rate_limit_per_ip: str = "30/hour"
     rate_limit_per_email: str = "5/hour"
+    # Proxies whose X-Forwarded-For / X-Forwarded-Proto `outbox web` believes: comma-separated
+    # addresses or networks ("10.0.0.5", "10.0.0.0/8"), or "*". None: no proxy is trusted, the
+    # client is the TCP peer (uvicorn alone would trust 127.0.0.1).
+    trusted_proxies: str | None = None
 
     def __post_init__(self) -> None:
         if self.database_url is not None:
@@ -71,6 +75,7 @@ class Settings:
             notify=(get("OUTBOX_NOTIFY") or "true").lower() not in ("0", "false", "no", "off"),
             rate_limit_per_ip=get("RATE_LIMIT_PER_IP") or cls.rate_limit_per_ip,
             rate_limit_per_email=get("RATE_LIMIT_PER_EMAIL") or cls.rate_limit_per_email,
+            trusted_proxies=get("TRUSTED_PROXIES"),
         )
 
     def with_overrides(self, **changes: object) -> Settings:

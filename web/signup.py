@@ -4,9 +4,14 @@ Both functions take an open connection and never commit: the route wraps each ca
 ``engine.begin()``, so the user row and its outbox message are committed together or not at all
 (a message exists if and only if the transaction commits).
 
-No account enumeration: the caller answers the same whatever happens here. A signup for an
-address that is already registered creates nothing and mails the owner a notice instead; the
-password was hashed before the call either way, so both paths cost the same.
+No account enumeration: the caller answers the same whatever happens here, and the password was
+hashed before the call on every path, so all paths cost the same.
+
+No pre-registration (issue 11, finding 3): a signup for an address whose account is not verified
+yet replaces that account's password and token nonce and mails a fresh link, which voids every
+earlier link. Whoever registered first without owning the inbox loses the account to the owner,
+who is the only one who can read the link. A signup for a verified address changes nothing and
+mails the owner a notice.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from outbox.message import EmailPayload
 from web.mails import already_registered_mail, verification_mail
 from web.settings import Settings
 from web.tokens import make_token
-from web.users import User, create_user, find_user
+from web.users import User, create_user, find_user, replace_unverified
 
 logger = logging.getLogger(__name__)
 
@@ -32,26 +37,32 @@ async def _enqueue_mail(conn: AsyncConnection, mail: EmailPayload, settings: Set
 
 
 def _verification(settings: Settings, user: User) -> EmailPayload:
-    token = make_token(settings, user_id=user.id, email=user.email)
+    token = make_token(settings, user_id=user.id, nonce=user.token_nonce)
     return verification_mail(settings, to=user.email, token=token)
 
 
 async def register(
     conn: AsyncConnection, *, email: str, password_hash: str, settings: Settings
 ) -> None:
-    """Create the account and enqueue its verification mail, or enqueue the notice instead."""
-    user_id = await create_user(conn, email=email, password_hash=password_hash)
-    if user_id is not None:
-        await _enqueue_mail(conn, _verification(settings, User(user_id, email, None)), settings)
-        logger.info("signup created", extra={"action": "create_user", "user_id": user_id})
+    """Create the account (or take over its unverified one) and enqueue its verification mail;
+    for a verified address, enqueue the owner's notice instead."""
+    user = await create_user(conn, email=email, password_hash=password_hash)
+    if user is not None:
+        await _enqueue_mail(conn, _verification(settings, user), settings)
+        logger.info("signup created", extra={"action": "create_user", "user_id": user.id})
+        return
+    replaced = await replace_unverified(conn, email=email, password_hash=password_hash)
+    if replaced is not None:
+        await _enqueue_mail(conn, _verification(settings, replaced), settings)
+        logger.info(
+            "signup replaced an unverified account",
+            extra={"action": "replace_unverified_user", "user_id": replaced.id},
+        )
         return
     existing = await find_user(conn, email=email)
-    if existing is None:  # deleted between the two statements: nobody to tell
+    if existing is None:  # deleted between the statements: nobody to tell
         return
-    token = None
-    if existing.verified_at is None:
-        token = make_token(settings, user_id=existing.id, email=existing.email)
-    mail = already_registered_mail(settings, to=existing.email, token=token)
+    mail = already_registered_mail(settings, to=existing.email, token=None)
     await _enqueue_mail(conn, mail, settings)
     logger.info("signup for a registered address", extra={"action": "notify_existing_user"})
 

@@ -11,6 +11,7 @@ from typing import TypedDict
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from web.metrics import Metrics
+from web.passwords import HashGate
 from web.ratelimit import RateLimits
 from web.settings import Settings
 
@@ -20,6 +21,7 @@ class AppState(TypedDict):
     settings: Settings
     metrics: Metrics
     rate_limits: RateLimits
+    hashing: HashGate
 
 
 __all__ = ["AppState"]

@@ -1,8 +1,11 @@
 """Signed, expiring verification tokens: the link in the mail proves the reader owns the inbox.
 
-The token is ``itsdangerous``'s URL-safe timed serialisation of ``{"uid": ..., "email": ...}``
-under the salt ``verify-email`` (so a token made for another purpose with the same key is not
-accepted here). No server-side storage: the signature and timestamp carry everything.
+The token is ``itsdangerous``'s URL-safe timed serialisation of ``{"uid": ..., "n": ...}`` under
+the salt ``verify-email`` (so a token made for another purpose with the same key is not accepted
+here). ``n`` is the account's ``token_nonce`` (web.users): a later signup for the address, while
+the account is not verified, draws a new nonce and so voids every link mailed before. The token
+carries no address: it is a link in a mail and a line in proxies' access logs, and its payload is
+only signed, not encrypted.
 
 Key rotation: itsdangerous takes a list of keys, signs with the last and accepts any, so
 ``[*OLD_SECRET_KEYS, SECRET_KEY]`` keeps links mailed before a rotation working until they expire.
@@ -11,6 +14,7 @@ Key rotation: itsdangerous takes a list of keys, signs with the last and accepts
 from __future__ import annotations
 
 from dataclasses import dataclass
+from uuid import UUID
 
 from itsdangerous import BadData, SignatureExpired, URLSafeTimedSerializer
 
@@ -39,7 +43,7 @@ class TokenClaims:
     """Who the token was issued to."""
 
     user_id: int
-    email: str
+    nonce: UUID
 
 
 def _serializer(settings: Settings) -> URLSafeTimedSerializer:
@@ -50,9 +54,9 @@ def _serializer(settings: Settings) -> URLSafeTimedSerializer:
     return URLSafeTimedSerializer(keys, salt=SALT)
 
 
-def make_token(settings: Settings, *, user_id: int, email: str) -> str:
+def make_token(settings: Settings, *, user_id: int, nonce: UUID) -> str:
     """A fresh token for this user, valid for ``settings.token_max_age_s`` seconds."""
-    token = _serializer(settings).dumps({"uid": user_id, "email": email})
+    token = _serializer(settings).dumps({"uid": user_id, "n": nonce.hex})
     return str(token)
 
 
@@ -67,10 +71,13 @@ def read_token(settings: Settings, token: str) -> TokenClaims:
     except BadData:
         raise TokenInvalidError() from None
     uid = data.get("uid") if isinstance(data, dict) else None
-    email = data.get("email") if isinstance(data, dict) else None
-    if not isinstance(uid, int) or isinstance(uid, bool) or not isinstance(email, str):
+    nonce = data.get("n") if isinstance(data, dict) else None
+    if not isinstance(uid, int) or isinstance(uid, bool) or not isinstance(nonce, str):
         raise TokenInvalidError()
-    return TokenClaims(user_id=uid, email=email)
+    try:
+        return TokenClaims(user_id=uid, nonce=UUID(hex=nonce))
+    except ValueError:
+        raise TokenInvalidError() from None
 
 
 __all__ = [

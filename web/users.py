@@ -1,28 +1,40 @@
-"""The users table and the few statements the signup app runs on it."""
+"""The users table and the few statements the signup app runs on it.
+
+Identity is ``email_key`` (``web.identity.email_key``, computed in Python, unique): the database
+never folds case itself, so its locale cannot change who owns an address. ``email`` keeps the
+address as the user typed it (normalised), for the mail's ``To``.
+
+``token_nonce`` is what a verification link is bound to. A new signup for an address whose
+account is not verified yet replaces the password and draws a new nonce, so every link mailed
+before stops working: whoever registered an address first cannot keep an account on someone
+else's inbox (issue 11, finding 3).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from uuid import UUID
 
 from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
     Identity,
-    Index,
     MetaData,
     Table,
     Text,
+    UniqueConstraint,
     func,
     select,
     text,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.postgresql import UUID as PG_UUID, insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from outbox.schema import NAMING_CONVENTION
+from web.identity import email_key
 
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
@@ -31,28 +43,19 @@ users_table = Table(
     metadata,
     Column("id", BigInteger, Identity(always=False), primary_key=True),
     Column("email", Text, nullable=False),
+    Column("email_key", Text, nullable=False),
     Column("password_hash", Text, nullable=False),
+    Column(
+        "token_nonce",
+        PG_UUID(as_uuid=True),
+        nullable=False,
+        server_default=text("gen_random_uuid()"),
+    ),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
     Column("verified_at", DateTime(timezone=True)),
+    # One account per canonical address (web.identity), whatever the database's locale.
+    UniqueConstraint("email_key", name="uq_users_email_key"),
 )
-# Unique case-insensitively: Ann@Example.com and ann@example.com are one account.
-Index("uq_users_lower_email", func.lower(users_table.c.email), unique=True)
-
-
-async def create_user(conn: AsyncConnection, *, email: str, password_hash: str) -> int | None:
-    """Insert a user; ``None`` when the address is already registered (no error, no abort).
-
-    ON CONFLICT keeps the caller's transaction usable, so the caller can enqueue the "already
-    registered" notice in the same transaction instead.
-    """
-    stmt = (
-        pg_insert(users_table)
-        .values(email=email, password_hash=password_hash)
-        .on_conflict_do_nothing(index_elements=[func.lower(users_table.c.email)])
-        .returning(users_table.c.id)
-    )
-    user_id: int | None = (await conn.execute(stmt)).scalar_one_or_none()
-    return user_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,50 +64,109 @@ class User:
 
     id: int
     email: str
+    token_nonce: UUID
     verified_at: datetime | None
 
 
+_USER_COLUMNS = (
+    users_table.c.id,
+    users_table.c.email,
+    users_table.c.token_nonce,
+    users_table.c.verified_at,
+)
+
+
+def _user(row: object) -> User:
+    return User(
+        id=row.id,  # type: ignore[attr-defined]
+        email=row.email,  # type: ignore[attr-defined]
+        token_nonce=row.token_nonce,  # type: ignore[attr-defined]
+        verified_at=row.verified_at,  # type: ignore[attr-defined]
+    )
+
+
+async def create_user(conn: AsyncConnection, *, email: str, password_hash: str) -> User | None:
+    """Insert a user; ``None`` when the address is already registered (no error, no abort).
+
+    ON CONFLICT keeps the caller's transaction usable, so the caller can deal with the existing
+    account in the same transaction instead.
+    """
+    stmt = (
+        pg_insert(users_table)
+        .values(email=email, email_key=email_key(email), password_hash=password_hash)
+        .on_conflict_do_nothing(index_elements=[users_table.c.email_key])
+        .returning(*_USER_COLUMNS)
+    )
+    row = (await conn.execute(stmt)).first()
+    return _user(row) if row else None
+
+
+async def replace_unverified(
+    conn: AsyncConnection, *, email: str, password_hash: str
+) -> User | None:
+    """Give the not-yet-verified account of ``email`` this spelling, password and token nonce.
+
+    Returns the account, or ``None`` when it is verified (or gone): then nothing changed. The
+    row lock this UPDATE takes orders it with a concurrent confirm, which matches the nonce.
+    """
+    stmt = (
+        update(users_table)
+        .where(users_table.c.email_key == email_key(email), users_table.c.verified_at.is_(None))
+        .values(email=email, password_hash=password_hash, token_nonce=func.gen_random_uuid())
+        .returning(*_USER_COLUMNS)
+    )
+    row = (await conn.execute(stmt)).first()
+    return _user(row) if row else None
+
+
 async def find_user(conn: AsyncConnection, *, email: str) -> User | None:
-    """The account for ``email``, matched case-insensitively like the unique index."""
-    row = (
-        await conn.execute(
-            select(users_table.c.id, users_table.c.email, users_table.c.verified_at).where(
-                func.lower(users_table.c.email) == email.lower()
-            )
-        )
-    ).first()
-    return User(id=row.id, email=row.email, verified_at=row.verified_at) if row else None
+    """The account for ``email``, matched by its canonical key like the unique index."""
+    stmt = select(*_USER_COLUMNS).where(users_table.c.email_key == email_key(email))
+    row = (await conn.execute(stmt)).first()
+    return _user(row) if row else None
+
+
+async def find_by_token(conn: AsyncConnection, *, user_id: int, nonce: UUID) -> User | None:
+    """The account a verification link names, if that link is still its current one."""
+    stmt = select(*_USER_COLUMNS).where(
+        users_table.c.id == user_id, users_table.c.token_nonce == nonce
+    )
+    row = (await conn.execute(stmt)).first()
+    return _user(row) if row else None
 
 
 async def mark_verified(
     conn: AsyncConnection,
     *,
     user_id: int,
-    email: str | None = None,
+    nonce: UUID | None = None,
     now: datetime | None = None,
-) -> bool:
-    """Set verified_at once; a second click keeps the first time. False if no such user.
+) -> User | None:
+    """Set verified_at once; a second confirm keeps the first time. ``None`` if no such user.
 
-    With ``email`` the row must also still have that address (case-insensitively), so a token
-    issued for one address can never verify another.
+    With ``nonce`` the row must still carry that token nonce, so a link mailed before the
+    account's password was replaced (a later signup) can never verify it.
     """
     conditions = [users_table.c.id == user_id]
-    if email is not None:
-        conditions.append(func.lower(users_table.c.email) == email.lower())
+    if nonce is not None:
+        conditions.append(users_table.c.token_nonce == nonce)
     stmt = (
         update(users_table)
         .where(*conditions)
         .values(verified_at=func.coalesce(users_table.c.verified_at, now or func.now()))
-        .returning(users_table.c.id)
+        .returning(*_USER_COLUMNS)
     )
-    return (await conn.execute(stmt)).first() is not None
+    row = (await conn.execute(stmt)).first()
+    return _user(row) if row else None
 
 
 __all__ = [
     "User",
     "create_user",
+    "find_by_token",
     "find_user",
     "mark_verified",
     "metadata",
+    "replace_unverified",
     "users_table",
 ]

@@ -37,8 +37,11 @@ def test_dev_serves_the_tour_and_stops_everything_on_ctrl_c(tmp_path: Path) -> N
         assert "Congratulations, you are a member of Outbox Demo now." in mail_page
         verify = re.search(r'href="(http://[^"]+/users/verify\?token=[^"]+)"', mail_page)
         assert verify, mail_page
-        confirmed = httpx.get(verify.group(1).replace("&amp;", "&"))
-        assert confirmed.status_code == 200
+        link_url = verify.group(1).replace("&amp;", "&")
+        assert httpx.get(link_url).status_code == 200  # the confirm page: changes nothing
+        token = httpx.URL(link_url).params["token"]
+        confirmed = httpx.post(f"{base}/users/verify", json={"token": token})
+        assert confirmed.json() == {"status": "verified"}
         assert postgres_running(data / "pgdata")
 
         proc.send_signal(signal.SIGINT)

@@ -1,10 +1,13 @@
-"""Property-based attack on every endpoint: arbitrary bodies, content types, unicode, empty and
-huge fields. Never a 5xx, never a partial write, and the app keeps serving afterwards."""
+"""Property-based attack on every endpoint: arbitrary bodies, content types, unicode (lone
+surrogates included), empty and huge fields, and made-up HTTP methods. Never a 5xx, never a
+partial write, the metrics' labels stay a fixed set, and the app keeps serving afterwards."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
+import string
 from collections.abc import Iterator
 from urllib.parse import urlencode
 
@@ -17,9 +20,15 @@ from outbox.db import create_engine
 from tests.integration.test_web import BASE, CSRF_FIELD, make_settings
 from tests.integration.web_fixtures import lifespan_running
 from web.app import create_app
+from web.metrics import KNOWN_METHODS
 
-POSTS = ["/users/register", "/users/verify/resend"]
+POSTS = ["/users/register", "/users/verify/resend", "/users/verify"]
 GETS = ["/users/register", "/users/register/success", "/users/verify", "/healthz", "/metrics"]
+# RFC 9110 token characters: h11 accepts any such word as a method.
+TOKEN_CHARS = string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~"
+methods = st.sampled_from(sorted(KNOWN_METHODS)) | st.text(TOKEN_CHARS, min_size=1, max_size=24)
+# Lone surrogates: JSON can spell them ("\ud800"), no text can hold them.
+surrogates = st.text(st.characters(categories=["Cs"]), min_size=1, max_size=3)
 CONTENT_TYPES = [
     "application/json",
     "application/json; charset=utf-8",
@@ -35,6 +44,7 @@ HUGE = "x" * 70_000
 field_text = st.one_of(
     st.text(max_size=60),
     st.emails().map(str),
+    st.tuples(st.text(max_size=10), surrogates, st.text(max_size=10)).map("".join),
     st.sampled_from(["", " ", "\x00", "a@b.c\r\nBcc: x@y.z", "ö@ü.de", "用户@例子.广告", HUGE]),
 )
 json_value = st.recursive(
@@ -54,15 +64,22 @@ def bodies(draw: st.DrawFn, csrf: str) -> tuple[str, bytes]:
     if kind == "plausible":  # well-formed enough to reach the database and the outbox
         content_type = "application/json"
         body = json.dumps(
-            {"email": draw(st.emails()), "password": draw(st.text(min_size=8, max_size=40))}
-        ).encode()
+            {
+                "email": draw(st.emails()),
+                "password": draw(
+                    st.text(min_size=8, max_size=40)
+                    | st.tuples(st.text(min_size=8, max_size=20), surrogates).map("".join)
+                ),
+            }
+        ).encode()  # st.text may draw lone surrogates: json.dumps escapes them
     elif kind == "json":
         body = json.dumps(draw(signup_object | json_value)).encode()
     elif kind == "form":
         fields = {k: v for k, v in draw(signup_object).items() if isinstance(v, str)}
         if draw(st.booleans()):
             fields["csrf_token"] = csrf
-        body = urlencode(fields).encode()
+        # A surrogate goes out as the bytes UTF-8 would give it (invalid UTF-8 on the wire).
+        body = urlencode(fields, errors="surrogatepass").encode()
     else:
         body = draw(st.binary(max_size=300))
     return content_type, body
@@ -109,18 +126,23 @@ def test_properties_no_input_gives_a_5xx_or_a_partial_write(
         body=bodies(csrf),
         get_path=st.sampled_from(GETS),
         query=st.dictionaries(st.sampled_from(["token", "x"]), field_text, max_size=2),
+        method=methods,
     )
-    def attack(path: str, body: tuple[str, bytes], get_path: str, query: dict[str, str]) -> None:
+    def attack(
+        path: str, body: tuple[str, bytes], get_path: str, query: dict[str, str], method: str
+    ) -> None:
         content_type, content = body
         headers = {"Content-Type": content_type} if content_type else {}
         try:
             posted = runner.run(client.post(path, content=content, headers=headers))
             got = runner.run(client.get(get_path, params=query))
+            odd = runner.run(client.request(method, get_path, content=content, headers=headers))
         except (UnicodeEncodeError, httpx.InvalidURL):
             return  # httpx itself refuses to send it (non-ASCII header, a 64 KiB query)
         statuses.update((posted.status_code, got.status_code))
         assert posted.status_code < 500, (path, body, posted.text[:500])
         assert got.status_code < 500, (get_path, query, got.text[:500])
+        assert odd.status_code < 500, (method, get_path, odd.text[:500])
 
     attack()
 
@@ -128,6 +150,10 @@ def test_properties_no_input_gives_a_5xx_or_a_partial_write(
     assert statuses & {202, 303} and statuses & {400, 413, 415}
     # The app still serves, and a normal signup still works.
     assert runner.run(client.get("/healthz")).status_code == 200
+    # Whatever methods were invented, the metrics' method label kept to a fixed set.
+    exposition = runner.run(client.get("/metrics")).text
+    labels = set(re.findall(r'method="([^"]*)"', exposition))
+    assert labels <= KNOWN_METHODS | {"other"}, labels
     ok = runner.run(
         client.post("/users/register", json={"email": "after@example.com", "password": "x" * 12})
     )

@@ -114,6 +114,17 @@ async def signup_json(client: httpx.AsyncClient, email: str) -> httpx.Response:
     return await client.post("/users/register", json={"email": email, "password": PASSWORD})
 
 
+async def confirm(client: httpx.AsyncClient, token: str) -> httpx.Response:
+    """What a person does with the link: open the page, press Confirm (a form post with the
+    page's CSRF token). A page that is not the confirm page (400) is returned as it is."""
+    page = await client.get("/users/verify", params={"token": token})
+    if page.status_code != 200:
+        return page
+    match = CSRF_FIELD.search(page.text)
+    assert match and 'action="/users/verify"' in page.text
+    return await client.post("/users/verify", data={"token": token, "csrf_token": match.group(1)})
+
+
 # --- the app factory and its lifespan ---------------------------------------------------------
 
 
@@ -160,6 +171,7 @@ async def test_register_page_is_an_accessible_form_with_a_csrf_cookie(
     cookie = page.headers["set-cookie"].lower()
     assert "httponly" in cookie and "samesite=lax" in cookie
     assert client.cookies["csrftoken"] == CSRF_FIELD.search(body).group(1)  # type: ignore[union-attr]
+    assert "strict-transport-security" not in page.headers  # http: no HSTS
 
 
 async def test_success_page_says_check_your_inbox(client: httpx.AsyncClient) -> None:
@@ -208,10 +220,12 @@ async def test_register_json_post_answers_202_and_enqueues_one_verification_mail
     token_in(mail["text"])
 
 
-async def test_register_known_address_in_any_case_gets_same_answer_and_a_notice(
+async def test_register_known_unverified_address_replaces_password_and_voids_earlier_links(
     client: httpx.AsyncClient, engine: AsyncEngine
 ) -> None:
+    """DESIGN.md: whoever registered first cannot keep an account on someone else's address."""
     first = await signup_json(client, "carol@example.com")
+    [before] = await users(engine)
     again = await client.post(
         "/users/register", json={"email": "CAROL@EXAMPLE.com", "password": "another password"}
     )
@@ -224,26 +238,39 @@ async def test_register_known_address_in_any_case_gets_same_answer_and_a_notice(
     assert (first.status_code, first.json()) == (again.status_code, again.json())
     assert form.status_code == 303
     [user] = await users(engine)
-    assert user["email"] == "carol@example.com"
-    verification, notice, _ = await mails(engine)
-    assert verification["subject"] == SUBJECT
-    assert notice["to"] == "carol@example.com"
-    assert notice["subject"] != SUBJECT
-    assert "already has an account" in notice["text"]
-    token_in(notice["text"])  # not verified yet, so the notice carries a fresh link
-    assert "another password" not in str(notice)
+    assert user["id"] == before["id"]
+    assert user["email"] == "Carol@example.com"  # the latest spelling of the one account
+    assert user["password_hash"] != before["password_hash"]  # the latest signup's password
+    links = [token_in(m["text"]) for m in await mails(engine)]
+    assert len(links) == 3
+    assert all(m["subject"] == SUBJECT for m in await mails(engine))
+    assert "another password" not in str(await mails(engine))
+    for old in links[:2]:
+        assert (await client.get("/users/verify", params={"token": old})).status_code == 400
+        assert (await confirm(client, old)).status_code == 400
+    assert (await users(engine))[0]["verified_at"] is None
+    assert (await confirm(client, links[2])).status_code == 200
+    assert (await users(engine))[0]["verified_at"] is not None
 
 
-async def test_register_known_verified_address_notice_has_no_link(
+async def test_register_known_verified_address_changes_nothing_and_mails_a_notice(
     client: httpx.AsyncClient, engine: AsyncEngine
 ) -> None:
     await signup_json(client, "dan@example.com")
     [mail] = await mails(engine)
-    assert (await client.get(LINK.search(mail["text"]).group(0))).status_code == 200  # type: ignore[union-attr]
+    assert (await confirm(client, token_in(mail["text"]))).status_code == 200
+    [before] = await users(engine)
 
-    assert (await signup_json(client, "dan@example.com")).status_code == 202
+    again = await client.post(
+        "/users/register", json={"email": "DAN@example.com", "password": "another password"}
+    )
 
+    assert again.status_code == 202
+    assert await users(engine) == [before]
     _, notice = await mails(engine)
+    assert notice["to"] == "dan@example.com"
+    assert notice["subject"] != SUBJECT
+    assert "already has an account" in notice["text"]
     assert not LINK.search(notice["text"])
 
 
@@ -376,22 +403,43 @@ async def test_register_json_with_charset_parameter_is_accepted(
 # --- GET /users/verify ------------------------------------------------------------------------
 
 
-async def test_verify_good_token_sets_verified_at_and_a_second_click_is_200(
+async def test_verify_get_and_head_change_nothing_the_confirm_post_verifies_once(
     client: httpx.AsyncClient, engine: AsyncEngine
 ) -> None:
+    """A mail scanner or link preview fetching the link (GET, HEAD) must not verify."""
     await signup_json(client, "jack@example.com")
     [mail] = await mails(engine)
     token = token_in(mail["text"])
 
-    first = await client.get("/users/verify", params={"token": token})
+    page = await client.get("/users/verify", params={"token": token})
+    head = await client.head("/users/verify", params={"token": token})
+    [untouched] = await users(engine)
+    first = await confirm(client, token)
     [user] = await users(engine)
-    second = await client.get("/users/verify", params={"token": token})
+    second = await confirm(client, token)
+    api = await client.post("/users/verify", json={"token": token})
 
+    assert page.status_code == 200 and head.status_code == 200
+    assert "jack@example.com" in page.text and "Confirm" in page.text
+    assert untouched["verified_at"] is None
     assert first.status_code == 200 and "confirmed" in first.text
     assert user["verified_at"] is not None
     assert second.status_code == 200
+    assert (api.status_code, api.json()) == (200, {"status": "verified"})
     [again] = await users(engine)
     assert again["verified_at"] == user["verified_at"]  # the first time is kept
+
+
+async def test_verify_post_form_needs_the_csrf_token(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    await signup_json(client, "jill@example.com")
+    [mail] = await mails(engine)
+
+    answer = await client.post("/users/verify", data={"token": token_in(mail["text"])})
+
+    assert answer.status_code == 400
+    assert (await users(engine))[0]["verified_at"] is None
 
 
 @pytest.mark.parametrize(
@@ -411,11 +459,14 @@ async def test_verify_tampered_or_malformed_token_is_400_page(
     await signup_json(client, "kate@example.com")
     [mail] = await mails(engine)
 
-    response = await client.get("/users/verify", params={"token": mangle(token_in(mail["text"]))})
+    bad = mangle(token_in(mail["text"]))
+    response = await client.get("/users/verify", params={"token": bad})
+    posted = await client.post("/users/verify", json={"token": bad})
 
     assert response.status_code == 400
     assert "not valid" in response.text
     assert 'action="/users/verify/resend"' in response.text
+    assert posted.status_code == 400 and posted.json()["field"] == "token"
     [user] = await users(engine)
     assert user["verified_at"] is None
 
@@ -436,14 +487,16 @@ async def test_verify_expired_token_is_400_page(
     client: httpx.AsyncClient, engine: AsyncEngine
 ) -> None:
     await signup_json(client, "liam@example.com")
-    [user] = await users(engine)
+    [user] = await rows(engine, "SELECT id, token_nonce FROM users")
     old = URLSafeTimedSerializer(SECRET, salt="verify-email", signer=_SignedLongAgo)
-    token = old.dumps({"uid": user["id"], "email": user["email"]})
+    token = old.dumps({"uid": user["id"], "n": user["token_nonce"].hex})
 
     response = await client.get("/users/verify", params={"token": token})
+    posted = await client.post("/users/verify", json={"token": token})
 
     assert response.status_code == 400
     assert "expired" in response.text
+    assert posted.status_code == 400
     [user] = await users(engine)
     assert user["verified_at"] is None
 
@@ -460,7 +513,7 @@ async def test_verify_accepts_a_token_signed_with_a_rotated_old_key(
     async with serve(forgotten, engine) as client:
         refused = await client.get("/users/verify", params={"token": token_in(mail["text"])})
     async with serve(rotated, engine) as client:
-        accepted = await client.get("/users/verify", params={"token": token_in(mail["text"])})
+        accepted = await confirm(client, token_in(mail["text"]))
 
     assert refused.status_code == 400
     assert accepted.status_code == 200
@@ -500,7 +553,7 @@ async def test_resend_unverified_account_enqueues_one_fresh_link(
     assert response.status_code == 303
     first, fresh = await mails(engine)
     assert (fresh["to"], fresh["subject"]) == ("noah@example.com", SUBJECT)
-    assert (await client.get(LINK.search(fresh["text"]).group(0))).status_code == 200  # type: ignore[union-attr]
+    assert (await confirm(client, token_in(fresh["text"]))).status_code == 200
 
 
 async def test_resend_verified_account_same_answer_and_nothing_enqueued(
@@ -508,7 +561,7 @@ async def test_resend_verified_account_same_answer_and_nothing_enqueued(
 ) -> None:
     await signup_json(client, "olga@example.com")
     [mail] = await mails(engine)
-    await client.get("/users/verify", params={"token": token_in(mail["text"])})
+    assert (await confirm(client, token_in(mail["text"]))).status_code == 200
 
     response = await client.post("/users/verify/resend", json={"email": "olga@example.com"})
 
@@ -618,9 +671,7 @@ async def test_signup_relay_smtp_link_verifies_the_account(
     assert message["Subject"] == SUBJECT
     body = message.get_body(("plain",))
     assert body is not None
-    link = LINK.search(body.get_content())
-    assert link is not None
-    verified = await client.get(link.group(0))
+    verified = await confirm(client, token_in(body.get_content()))
     assert verified.status_code == 200
     [user] = await users(engine)
     assert user["verified_at"] is not None
