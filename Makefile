@@ -41,8 +41,8 @@ bench-quick: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python -m bench --quick
 
 lint: $(STAMP)
-	$(BIN)/ruff check outbox web tests migrations examples
-	$(BIN)/ruff format --check outbox web tests migrations examples
+	$(BIN)/ruff check outbox web tests migrations examples bench
+	$(BIN)/ruff format --check outbox web tests migrations examples bench
 	$(BIN)/mypy
 
 clean:

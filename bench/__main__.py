@@ -14,12 +14,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bench.harness import DEFAULT_ADMIN_URL, ROOT, SIZES, Bench, log
+from bench.harness import DEFAULT_ADMIN_URL, ROOT, SIZES, Bench, Sizes, log
+from bench.sink import Sink
 
 ITEMS = ["web", "smtp", "noop", "email", "latency", "scale", "notify"]
 
 
-def run_item(b: Bench, item: str, sink: Any) -> dict[str, Any]:
+def run_item(b: Bench, item: str, sink: Sink) -> dict[str, Any]:
     from bench import ours
 
     s = b.sizes
@@ -107,14 +108,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(
     admin_url: str,
-    sizes: Any,
+    sizes: Sizes,
     items: list[str],
     results_path: Path,
     previous: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run ``items``; with ``previous`` (stored results), add to them instead of starting anew."""
-    from bench.sink import Sink
-
     b = Bench(admin_url=admin_url, sizes=sizes)
     started = time.time()
     data: dict[str, Any] = {

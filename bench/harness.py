@@ -6,24 +6,30 @@ import os
 import platform
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import psycopg
+from psycopg import sql
 from sqlalchemy.engine import make_url
+from sqlalchemy.sql.elements import TextClause
 
-from outbox import migrate, queries
-from outbox.settings import libpq_url, normalise_database_url
+# The one import of the library's internals for SQL: the SQL ceiling (item 3) and the NOTIFY cost
+# (item 7) must run the relay's and enqueue's own statements, not copies that could drift.
+from outbox import queries
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+# The channel relays LISTEN on and enqueue NOTIFYs (outbox.schema.NOTIFY_CHANNEL): part of the
+# wire contract between writers and relays, so it is spelt here rather than imported.
+NOTIFY_CHANNEL = "outbox"
 
 
 @dataclass(frozen=True)
@@ -134,38 +140,35 @@ def log(msg: str) -> None:
 class Bench:
     admin_url: str
     sizes: Sizes
-    results: dict[str, Any] = field(default_factory=dict)
     _dbs: list[str] = field(default_factory=list)
 
     # --- databases ---------------------------------------------------------------------------
 
     def _url_for(self, name: str) -> str:
-        url = make_url(normalise_database_url(self.admin_url)).set(database=name)
-        return libpq_url(url.render_as_string(hide_password=False))
-
-    def _admin(self, sql: str) -> None:
-        with psycopg.connect(libpq_url(self.admin_url), autocommit=True) as conn:
-            conn.execute(sql)  # type: ignore[arg-type]  # generated names only
+        return libpq_url(
+            make_url(self.admin_url).set(database=name).render_as_string(hide_password=False)
+        )
 
     def create_db(self, label: str, *, migrated: bool = True) -> str:
         name = f"outbox_bench_{label}_{uuid.uuid4().hex[:8]}"
-        self._admin(f'CREATE DATABASE "{name}"')
+        create_database(self.admin_url, name)
         self._dbs.append(name)
         url = self._url_for(name)
         if migrated:
-            migrate.upgrade_url(url)
+            migrate_service(url)
         return url
 
     def drop_db(self, url: str) -> None:
-        name = make_url(normalise_database_url(url)).database
-        self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        name = make_url(url).database
+        assert name is not None, url
+        drop_database(self.admin_url, name)
         if name in self._dbs:
             self._dbs.remove(name)
 
     def drop_all(self) -> None:
         for name in list(self._dbs):
             try:
-                self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                drop_database(self.admin_url, name)
             except psycopg.Error as exc:
                 log(f"could not drop {name}: {exc}")
         self._dbs.clear()
@@ -173,10 +176,10 @@ class Bench:
     # --- the machine line --------------------------------------------------------------------
 
     def machine(self) -> dict[str, Any]:
-        with psycopg.connect(libpq_url(self.admin_url)) as conn:
-            version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+        with connect(self.admin_url) as conn:
+            version = fetch_value(conn, "SHOW server_version")
             settings = {
-                name: conn.execute(f"SHOW {name}").fetchone()[0]  # type: ignore[index]
+                name: fetch_value(conn, f"SHOW {name}")
                 for name in (
                     "shared_buffers",
                     "synchronous_commit",
@@ -205,14 +208,54 @@ class Bench:
         }
 
 
-# --- plain SQL helpers (psycopg, sync) ---------------------------------------------------------
+# --- databases (psycopg, sync) -----------------------------------------------------------------
+
+
+def libpq_url(url: str) -> str:
+    """``url`` spelt for libpq (``postgresql://``), whichever SQLAlchemy driver it names."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 def connect(url: str, **kw: Any) -> psycopg.Connection[Any]:
     return psycopg.connect(libpq_url(url), **kw)
 
 
-def pg_sql(statement: Any) -> str:
+def create_database(admin_url: str, name: str) -> None:
+    with connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    with connect(admin_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+def migrate_service(url: str) -> None:
+    """The whole service's schema: the app's tables (items 1 and 7 write users) and the outbox
+    table, from the app's Alembic history, as ``outbox dev`` and the tests build it."""
+    from web.migrate import upgrade_url
+
+    upgrade_url(url)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port to serve on that nothing listens on now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def fetch_value(conn: psycopg.Connection[Any], query: str) -> Any:
+    """The first column of the first row ``query`` returns (a count, a setting)."""
+    row = conn.execute(query).fetchone()
+    if row is None:
+        raise RuntimeError(f"no row from {query!r}")
+    return row[0]
+
+
+def pg_sql(statement: TextClause) -> str:
     """An ``outbox.queries`` statement spelt for psycopg (``:name`` -> ``%(name)s``)."""
     return re.sub(r"(?<!:):(\w+)", r"%(\1)s", str(statement))
 
@@ -220,6 +263,9 @@ def pg_sql(statement: Any) -> str:
 CLAIM_SQL = pg_sql(queries.CLAIM_DUE)
 CLAIM_AFTER_SQL = pg_sql(queries.CLAIM_DUE_AFTER)
 MARK_SENT_SQL = pg_sql(queries.MARK_SENT_MANY)
+INSERT_SQL = pg_sql(queries.INSERT_MESSAGE)
+INSERT_NOTIFY_SQL = pg_sql(queries.INSERT_MESSAGE_NOTIFY)
+DUE_EXISTS_SQL = "SELECT EXISTS (SELECT 1 FROM outbox WHERE sent_at IS NULL AND dead_at IS NULL)"
 
 
 def fill_outbox(
@@ -241,32 +287,21 @@ def fill_outbox(
         extra = ", now() - interval '1 day', 1, now() - interval '1 day', now() - interval '1 day'"
     with connect(url) as conn:
         conn.execute(
-            f"INSERT INTO outbox ({cols}) SELECT %(topic)s, {payload}{extra} "  # type: ignore[arg-type]
+            f"INSERT INTO outbox ({cols}) SELECT %(topic)s, {payload}{extra} "
             "FROM generate_series(1, %(n)s) AS g",
             {"topic": topic, "n": n, "subject": SUBJECT, "text": TEXT},
         )
     with connect(url, autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE outbox" if n >= 50_000 else "ANALYZE outbox")
         if notify:  # only now: the relays start on fresh statistics, with nothing else running
-            conn.execute("SELECT pg_notify('outbox', '')")
-
-
-def outbox_due(url: str) -> int:
-    with connect(url) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM outbox WHERE sent_at IS NULL AND dead_at IS NULL"
-        ).fetchone()
-        return int(row[0])  # type: ignore[index]
+            conn.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
 
 
 def wait_drained(url: str, *, timeout: float, every: float = 0.25) -> bool:
     deadline = time.monotonic() + timeout
     with connect(url, autocommit=True) as conn:
         while time.monotonic() < deadline:
-            row = conn.execute(
-                "SELECT EXISTS (SELECT 1 FROM outbox WHERE sent_at IS NULL AND dead_at IS NULL)"
-            ).fetchone()
-            if not row[0]:  # type: ignore[index]
+            if not fetch_value(conn, DUE_EXISTS_SQL):
                 return True
             time.sleep(every)
     return False
@@ -278,7 +313,7 @@ def sent_times(
     "WHERE sent_at IS NOT NULL AND sent_at > now() - interval '1 hour'",
 ) -> list[float]:
     with connect(url) as conn:
-        return [r[0] for r in conn.execute(table_sql)]  # type: ignore[arg-type]
+        return [r[0] for r in conn.execute(table_sql)]
 
 
 def truncate_outbox(url: str) -> None:
@@ -352,7 +387,7 @@ class Relays:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.log_dir = log_dir or (ROOT / "bench" / "results")
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._logs: list[Any] = []
+        self._logs: list[BinaryIO] = []
 
     def start(self, *, wait_listening: bool = True, timeout: float = 30.0) -> Relays:
         for i in range(self.n):
@@ -372,11 +407,12 @@ class Relays:
                 for p in self.procs:
                     if p.poll() is not None:
                         raise RuntimeError(f"relay exited with {p.returncode}; see {self.log_dir}")
-                row = conn.execute(
+                listening = fetch_value(
+                    conn,
                     "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'outbox-listen'"
-                    " AND datname = current_database()"
-                ).fetchone()
-                if row[0] >= self.n:  # type: ignore[index]
+                    " AND datname = current_database()",
+                )
+                if listening >= self.n:
                     return
                 time.sleep(0.05)
         raise TimeoutError("relays did not start listening")
@@ -395,11 +431,3 @@ class Relays:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-@contextmanager
-def timed(label: str) -> Iterator[None]:
-    started = time.monotonic()
-    log(f"{label} ...")
-    yield
-    log(f"{label}: {time.monotonic() - started:.1f}s")

@@ -8,29 +8,41 @@ import multiprocessing
 import threading
 import time
 import uuid
+from datetime import datetime
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from bench import smtpload
 from bench.harness import (
     CLAIM_AFTER_SQL,
     CLAIM_SQL,
+    DUE_EXISTS_SQL,
+    INSERT_NOTIFY_SQL,
+    INSERT_SQL,
     MARK_SENT_SQL,
+    NOTIFY_CHANNEL,
     Bench,
     Relays,
     connect,
+    fetch_value,
     fill_outbox,
     log,
     sent_times,
     truncate_outbox,
     wait_drained,
 )
+from bench.runner import Committed, latency_run, median_runs, open_loop
 from bench.sink import Sink
-from bench.stats import median, percentile, rate_10_90, ratio
-from outbox.claim import RESCAN_EVERY_S
+from bench.stats import median, rate_10_90, ratio
 
 RELAY_CONCURRENCY = 16
+# How often the relay claims from the start of the due index while it resumes full batches (the
+# default of ``outbox.claim.ClaimCursor``); the SQL ceiling claims the same way, so it must match.
+RESCAN_EVERY_S = 1.0
 
 
 def relay_drain(url: str, n: int, *, email: bool, sink: Sink | None, timeout: float = 600) -> float:
@@ -98,13 +110,13 @@ def item2_smtp(b: Bench, sink: Sink) -> dict[str, Any]:
 # --- item 3: the SQL ceiling ------------------------------------------------------------------
 
 
-def _sql_worker(url: str, batch: int, go: Any) -> None:
+def _sql_worker(url: str, batch: int, go: Event) -> None:
     """Claim and settle as the relay does, resume point included (see ``outbox.claim``)."""
     with connect(url) as conn:
         conn.execute("SELECT 1")
         conn.commit()
         go.wait()
-        after: tuple[Any, int] | None = None
+        after: tuple[datetime, int] | None = None  # (available_at, id) of the last full batch
         rescan_at = 0.0
         while True:
             rows = []
@@ -209,14 +221,14 @@ def item4_email_ours(b: Bench, sink: Sink) -> dict[str, Any]:
 # --- item 5: commit -> SMTP acceptance ---------------------------------------------------------
 
 
-async def _produce_outbox(url: str, rate: float, seconds: float) -> list[tuple[str, float]]:
+async def _produce_outbox(url: str, rate: float, seconds: float) -> Committed:
     from outbox import enqueue
     from outbox.db import create_engine
 
     # At most 10 connections per producer: the server's max_connections (100) is shared with
     # the relays, the peers and whatever else runs on this machine.
     engine = create_engine(url, application_name="bench-producer", pool_size=5)
-    done: list[tuple[str, float]] = []
+    done: Committed = []
 
     async def one(i: int) -> None:
         async with engine.begin() as conn:
@@ -230,71 +242,10 @@ async def _produce_outbox(url: str, rate: float, seconds: float) -> list[tuple[s
     return done
 
 
-async def open_loop(one: Any, rate: float, seconds: float) -> None:
-    """Start ``one(i)`` at a steady ``rate`` per second for ``seconds``, never waiting for it
-    (an open loop: a slow system gets more in flight, as with real users)."""
-    n = int(rate * seconds)
-    tasks = []
-    start = time.monotonic()
-    for i in range(n):
-        delay = start + i / rate - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(i)))
-    await asyncio.gather(*tasks)
-
-
-def _producer_proc(kind: str, url: str, rate: float, seconds: float, conn: Any) -> None:
-    if kind == "outbox":
-        conn.send(asyncio.run(_produce_outbox(url, rate, seconds)))
-    else:
-        from bench import peers
-
-        conn.send(peers.produce(kind, url, rate, seconds))
-
-
-def latency_run(kind: str, url: str, sink: Sink, rate: float, seconds: float) -> dict[str, float]:
-    """Offer ``rate`` messages/s for ``seconds`` from a producer process; match each commit time
-    with the sink's acceptance time by Message-ID."""
-    sink.reset()
-    ctx = multiprocessing.get_context("spawn")
-    # One Python producer cannot offer 1,000 transactions/s and still read its clock on time:
-    # above 300/s the rate is split over several producer processes.
-    nprod = max(1, round(rate / 300))
-    pipes, ps = [], []
-    for _ in range(nprod):
-        parent, child = ctx.Pipe()
-        pipes.append(parent)
-        ps.append(
-            ctx.Process(target=_producer_proc, args=(kind, url, rate / nprod, seconds, child))
-        )
-    for p in ps:
-        p.start()
-    try:
-        committed = [c for parent in pipes for c in parent.recv()]
-    except EOFError:
-        raise RuntimeError(f"a {kind} producer process failed (see the log above)") from None
-    for p in ps:
-        p.join(60)
-    n = len(committed)
-    sink.wait_count(n, timeout=60)
-    times, ids = sink.records()
-    accepted: dict[str, float] = {}
-    for t, raw in zip(times, ids, strict=True):
-        key = raw.decode(errors="replace").strip("<>").split("@", 1)[0]
-        accepted.setdefault(key, t)
-    lat = [(accepted[mid] - t) * 1000 for mid, t in committed if mid in accepted]
-    span = max(t for _, t in committed) - min(t for _, t in committed) if committed else 0
-    return {
-        "p50": percentile(lat, 50),
-        "p95": percentile(lat, 95),
-        "p99": percentile(lat, 99),
-        "max": max(lat) if lat else float("nan"),
-        "delivered": len(lat),
-        "offered": n,
-        "achieved_rate": (n - 1) / span if span else float("nan"),
-        "producers": nprod,
-    }
+def produce_outbox(url: str, rate: float, seconds: float) -> Committed:
+    """Item 5's producer for this project (a ``bench.runner.Producer``): ``outbox.enqueue``, one
+    transaction per message."""
+    return asyncio.run(_produce_outbox(url, rate, seconds))
 
 
 def item5_latency_ours(b: Bench, sink: Sink) -> dict[str, Any]:
@@ -307,16 +258,18 @@ def item5_latency_ours(b: Bench, sink: Sink) -> dict[str, Any]:
         procs = 1 if rate <= 100 else s.queue_procs
         try:
             with Relays(url, sink.url, procs, concurrency=RELAY_CONCURRENCY, poll_interval=5):
-                latency_run("outbox", url, sink, 50, 1.0)  # warm-up
+                latency_run("outbox", produce_outbox, url, sink, 50, 1.0)  # warm-up
                 runs = [
-                    latency_run("outbox", url, sink, rate, s.latency_seconds / s.runs * 2)
+                    latency_run(
+                        "outbox", produce_outbox, url, sink, rate, s.latency_seconds / s.runs * 2
+                    )
                     for _ in range(max(1, s.runs // 2 + 1))
                 ]
         except Exception as exc:  # keep the other rate and the peers
             log(f"item 5: outbox at {rate}/s failed: {exc!r}")
             out[f"error_{rate}"] = f"{type(exc).__name__}: {exc}"
             continue
-        out[str(rate)] = _median_runs(runs)
+        out[str(rate)] = median_runs(runs)
         out[str(rate)]["relays"] = procs
         log(
             f"item 5: outbox at {rate}/s: p50 {out[str(rate)]['p50']:.1f} ms, "
@@ -324,12 +277,6 @@ def item5_latency_ours(b: Bench, sink: Sink) -> dict[str, Any]:
         )
     b.drop_db(url)
     return out
-
-
-def _median_runs(runs: list[dict[str, float]]) -> dict[str, Any]:
-    merged: dict[str, Any] = {k: median([r[k] for r in runs]) for k in runs[0]}
-    merged["runs"] = runs
-    return merged
 
 
 # --- item 6: scale -----------------------------------------------------------------------------
@@ -342,10 +289,7 @@ def _drain_with_memory(url: str, relays: Relays, n: int) -> tuple[list[float], l
     with connect(url, autocommit=True) as conn:
         while time.monotonic() < deadline:
             rss.append(sum(relays.rss_kib()))
-            row = conn.execute(
-                "SELECT EXISTS (SELECT 1 FROM outbox WHERE sent_at IS NULL AND dead_at IS NULL)"
-            ).fetchone()
-            if not row[0]:  # type: ignore[index]
+            if not fetch_value(conn, DUE_EXISTS_SQL):
                 break
             time.sleep(0.5)
     rss.append(sum(relays.rss_kib()))
@@ -434,11 +378,7 @@ def _window_rates(times: list[float], windows: int = 8) -> list[float]:
 
 
 async def _writer(url: str, notify: bool, seconds: float, tasks: int) -> int:
-    from bench.harness import pg_sql
-    from outbox import queries
-    from outbox.schema import NOTIFY_CHANNEL
-
-    insert = pg_sql(queries.INSERT_MESSAGE_NOTIFY if notify else queries.INSERT_MESSAGE)
+    insert = INSERT_NOTIFY_SQL if notify else INSERT_SQL
     # email_key: the address's canonical key (web.identity); these addresses are already canonical.
     user_sql = (
         "INSERT INTO users (email, email_key, password_hash)"
@@ -459,7 +399,9 @@ async def _writer(url: str, notify: bool, seconds: float, tasks: int) -> int:
                             "hash": "$argon2id$v=19$bench",
                         },
                     )
-                    user_id = (await cur.fetchone())[0]  # type: ignore[index]
+                    row = await cur.fetchone()
+                    assert row is not None  # INSERT ... RETURNING: one row
+                    user_id = row[0]
                     await conn.execute(
                         insert,
                         {
@@ -477,7 +419,9 @@ async def _writer(url: str, notify: bool, seconds: float, tasks: int) -> int:
     return count
 
 
-def _writer_proc(url: str, notify: bool, seconds: float, tasks: int, go: Any, conn: Any) -> None:
+def _writer_proc(
+    url: str, notify: bool, seconds: float, tasks: int, go: Event, conn: Connection[int, Any]
+) -> None:
     go.wait()
     conn.send(asyncio.run(_writer(url, notify, seconds, tasks)))
 
@@ -487,7 +431,8 @@ def insert_rate(
 ) -> float:
     ctx = multiprocessing.get_context("spawn")
     go = ctx.Event()
-    pipes, ps = [], []
+    pipes: list[Connection[Any, int]] = []
+    ps = []
     for _ in range(procs):
         parent, child = ctx.Pipe()
         pipes.append(parent)
@@ -514,7 +459,7 @@ def item7_notify(b: Bench, sink: Sink) -> dict[str, Any]:
 
     def listen() -> None:
         with psycopg.connect(url, autocommit=True) as listener:
-            listener.execute("LISTEN outbox")
+            listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
             while not stop.is_set():
                 for _ in listener.notifies(timeout=0.2):
                     pass

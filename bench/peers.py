@@ -17,12 +17,19 @@ import subprocess
 import sys
 import time
 import uuid
-from typing import Any
+from abc import ABC, abstractmethod
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from bench import smtpload
-from bench.harness import ROOT, Bench, connect, log, stop_processes
+from bench.harness import ROOT, Bench, connect, fetch_value, log, stop_processes
+from bench.runner import Committed, latency_run, median_runs, open_loop
 from bench.sink import Sink
-from bench.stats import median, percentile, rate_10_90
+from bench.stats import median, rate_10_90
+
+if TYPE_CHECKING:  # in .venv-bench only; mypy skips them (pyproject.toml)
+    import asyncpg
+    from pgqueuer import Queries
 
 PEERS = ["procrastinate", "pgqueuer", "celery"]
 
@@ -31,7 +38,9 @@ def _mail(i: int, message_id: str | None = None) -> dict[str, str]:
     return {**smtpload.email_payload(i), "message_id": message_id or str(uuid.uuid4())}
 
 
-class Peer:
+class Peer(ABC):
+    """One peer's workers and queue, driven like the relays: fill in one go, time the drain."""
+
     name = ""
     persistent = True
 
@@ -41,8 +50,9 @@ class Peer:
         self.env = {**os.environ, "BENCH_DATABASE_URL": url, "BENCH_SMTP_URL": sink.url}
         self.logf = open(ROOT / "bench" / "results" / f"peer-{self.name}.log", "ab")
 
+    @abstractmethod
     def worker_cmds(self) -> list[list[str]]:
-        raise NotImplementedError
+        """The command lines of this peer's worker processes."""
 
     def start(self) -> None:
         for cmd in self.worker_cmds():
@@ -55,10 +65,21 @@ class Peer:
         stop_processes(self.workers)
         self.workers = []
 
-    def setup(self) -> None: ...
-    def reset(self) -> None: ...
-    def fill(self, n: int, email: bool) -> None: ...
-    def done_times(self, n: int, timeout: float) -> list[float]: ...
+    def setup(self) -> None:
+        """Install the peer's schema in its fresh database (nothing to do for a broker)."""
+        return None
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Empty the queue, so a drain counts only its own jobs."""
+
+    @abstractmethod
+    def fill(self, n: int, email: bool) -> None:
+        """Enqueue ``n`` jobs (no-op or email) as fast as the peer's own API allows."""
+
+    @abstractmethod
+    def done_times(self, n: int, timeout: float) -> list[float]:
+        """Wait until ``n`` jobs are done; their completion times (epoch seconds)."""
 
     def drain(self, n: int, email: bool, timeout: float = 600) -> float:
         self.reset()
@@ -87,8 +108,8 @@ def _poll_sql_times(url: str, done_sql: str, times_sql: str, n: int, timeout: fl
     deadline = time.monotonic() + timeout
     with connect(url, autocommit=True) as conn:
         while time.monotonic() < deadline:
-            if conn.execute(done_sql).fetchone()[0] >= n:  # type: ignore[index, arg-type]
-                return [r[0] for r in conn.execute(times_sql)]  # type: ignore[arg-type]
+            if fetch_value(conn, done_sql) >= n:
+                return [r[0] for r in conn.execute(times_sql)]
             time.sleep(0.25)
     raise TimeoutError(done_sql)
 
@@ -158,7 +179,7 @@ class PgQueuer(Peer):
             for _ in range(self.procs)
         ]
 
-    async def _queries(self) -> Any:
+    async def _queries(self) -> tuple[asyncpg.Connection, Queries]:
         import asyncpg
         from pgqueuer import AsyncpgDriver, Queries
 
@@ -279,7 +300,11 @@ class Celery(Peer):
         return times
 
 
-CLASSES = {"procrastinate": Procrastinate, "pgqueuer": PgQueuer, "celery": Celery}
+CLASSES: dict[str, type[Peer]] = {
+    "procrastinate": Procrastinate,
+    "pgqueuer": PgQueuer,
+    "celery": Celery,
+}
 
 
 def throughput(b: Bench, sink: Sink, *, email: bool) -> dict[str, Any]:
@@ -313,11 +338,10 @@ def throughput(b: Bench, sink: Sink, *, email: bool) -> dict[str, Any]:
 # --- item 5: latency ---------------------------------------------------------------------------
 
 
-def produce(kind: str, url: str, rate: float, seconds: float) -> list[tuple[str, float]]:
-    """In a producer process: offer email jobs at ``rate``; return (message id, enqueued at)."""
-    from bench.ours import open_loop
-
-    done: list[tuple[str, float]] = []
+def produce(kind: str, url: str, rate: float, seconds: float) -> Committed:
+    """In a producer process: offer email jobs at ``rate``; return (message id, enqueued at).
+    ``functools.partial(produce, kind)`` is the peer's ``bench.runner.Producer``."""
+    done: Committed = []
     os.environ["BENCH_DATABASE_URL"] = url
 
     if kind == "procrastinate":
@@ -372,8 +396,6 @@ def produce(kind: str, url: str, rate: float, seconds: float) -> list[tuple[str,
 
 
 def latency(b: Bench, sink: Sink) -> dict[str, Any]:
-    from bench.ours import _median_runs, latency_run
-
     s = b.sizes
     rate = min(s.latency_rates)
     out: dict[str, Any] = {}
@@ -385,12 +407,13 @@ def latency(b: Bench, sink: Sink) -> dict[str, Any]:
             peer.reset()
             peer.start()
             time.sleep(1.5 if name == "celery" else 0.5)
-            latency_run(name, url, sink, 50, 1.0)  # warm-up
+            producer = partial(produce, name)
+            latency_run(name, producer, url, sink, 50, 1.0)  # warm-up
             runs = [
-                latency_run(name, url, sink, rate, s.latency_seconds / s.runs * 2)
+                latency_run(name, producer, url, sink, rate, s.latency_seconds / s.runs * 2)
                 for _ in range(max(1, s.runs // 2 + 1))
             ]
-            out[name] = _median_runs(runs)
+            out[name] = median_runs(runs)
             log(
                 f"peer {name} at {rate}/s: p50 {out[name]['p50']:.1f} ms, "
                 f"p99 {out[name]['p99']:.1f} ms"
@@ -404,4 +427,4 @@ def latency(b: Bench, sink: Sink) -> dict[str, Any]:
     return out
 
 
-__all__ = ["latency", "percentile", "produce", "throughput"]
+__all__ = ["latency", "produce", "throughput"]

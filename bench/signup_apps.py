@@ -25,13 +25,19 @@ import smtplib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from email.message import EmailMessage
-from typing import Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+if TYPE_CHECKING:
+    from celery import Celery  # in .venv-bench only; mypy skips it (pyproject.toml)
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from web.settings import Settings
 
 QUEUE = "bench_signup"
 AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -43,7 +49,7 @@ def _smtp_target() -> tuple[str, int]:
     return parts.hostname or "127.0.0.1", parts.port or 25
 
 
-def _settings() -> Any:
+def _settings() -> Settings:
     from web.settings import Settings
 
     return Settings(
@@ -66,7 +72,7 @@ def _message(to: str, subject: str, text: str) -> EmailMessage:
 # --- Celery (the seed's second version) -------------------------------------------------------
 
 
-def celery_app() -> Any:
+def celery_app() -> Celery:
     from celery import Celery
 
     app = Celery("bench_signup", broker=AMQP_URL)
@@ -77,7 +83,7 @@ def celery_app() -> Any:
         worker_hijack_root_logger=False,
     )
 
-    @app.task(name="send_verification")
+    @app.task(name="send_verification")  # type: ignore[untyped-decorator]  # Celery: Any here
     def send_verification(to: str, subject: str, text: str) -> None:
         host, port = _smtp_target()
         with smtplib.SMTP(host, port, timeout=30) as client:
@@ -102,13 +108,14 @@ def create_app(kind: str) -> Starlette:
     from web.users import create_user
 
     settings = _settings()
-    assert settings.database_url is not None
+    database_url = settings.database_url
+    assert database_url is not None
     task = celery_app().tasks["send_verification"] if kind == "celery" else None
-    state: dict[str, Any] = {}
+    state: dict[str, AsyncEngine] = {}
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        state["engine"] = create_engine(settings.database_url, application_name=f"bench-{kind}")
+        state["engine"] = create_engine(database_url, application_name=f"bench-{kind}")
         try:
             yield
         finally:

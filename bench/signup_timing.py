@@ -5,7 +5,7 @@ address and for one already registered, N times each, over real HTTP, and prints
 and their difference. A measurement for the notes, not a test: timings on a shared machine are
 noisy, so the two kinds are interleaved and compared within one run.
 
-    .venv/bin/python bench/signup_timing.py [--requests 200] [--admin-url postgresql://...]
+    .venv/bin/python -m bench.signup_timing [--requests 200] [--admin-url postgresql://...]
 """
 
 from __future__ import annotations
@@ -20,11 +20,8 @@ import uuid
 from pathlib import Path
 
 import httpx
-import psycopg
 
-from outbox.settings import libpq_url
-from web import migrate
-from web.capture import free_port
+from bench.harness import create_database, drop_database, free_port, migrate_service
 
 OUTBOX = str(Path(sys.executable).with_name("outbox"))
 
@@ -36,13 +33,12 @@ def main() -> None:
     args = parser.parse_args()
 
     name = f"outbox_timing_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(libpq_url(args.admin_url), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"'.encode())
+    create_database(args.admin_url, name)
     db_url = args.admin_url.rsplit("/", 1)[0] + f"/{name}"
     port = free_port()
     server = None
     try:
-        migrate.upgrade_url(db_url)
+        migrate_service(db_url)
         env = {
             **os.environ,
             "DATABASE_URL": db_url,
@@ -70,7 +66,8 @@ def main() -> None:
                 client.post(
                     "/users/register", json={"email": f"w{n}@example.com", "password": password}
                 )
-            new, known = [], []
+            new: list[float] = []
+            known: list[float] = []
             for n in range(args.requests):
                 for email, bucket in ((f"new{n}@example.com", new), ("known@example.com", known)):
                     started = time.perf_counter()
@@ -91,8 +88,7 @@ def main() -> None:
         if server is not None:
             server.terminate()
             server.wait(timeout=30)
-        with psycopg.connect(libpq_url(args.admin_url), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+        drop_database(args.admin_url, name)
 
 
 if __name__ == "__main__":

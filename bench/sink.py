@@ -22,7 +22,7 @@ import socket
 import time
 from array import array
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, cast
 
 _EHLO = b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 10485760\r\n"
 
@@ -52,13 +52,13 @@ class _SmtpSink(asyncio.Protocol):
         self.state = state
         self.buf = b""
         self.in_data = False
-        self.transport: Any = None
+        self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_running_loop()
         self.pending = 0  # replies held back by a delay: keep their order
 
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-        transport.write(b"220 sink ESMTP ready\r\n")
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # a TCP connection's transport
+        self.transport.write(b"220 sink ESMTP ready\r\n")
 
     def _reply(self, line: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -101,7 +101,8 @@ class _SmtpSink(asyncio.Protocol):
             elif verb == b"QUIT":
                 out.append(b"221 Bye\r\n")
                 self._reply(b"".join(out))
-                self.transport.close()
+                if self.transport is not None:  # always, once connection_made has run
+                    self.transport.close()
                 return
             else:  # HELO MAIL RCPT RSET NOOP: all fine
                 out.append(b"250 OK\r\n")

@@ -15,15 +15,19 @@ import asyncio
 import multiprocessing
 import time
 import uuid
+from functools import partial
+from multiprocessing.synchronize import Event
+from typing import cast
 
 import aiosmtplib
 
+from bench.sink import Sink
 from bench.stats import rate_10_90
 
 
 def sample_mail(i: int = 0, message_id: str | None = None) -> tuple[str, list[str], bytes]:
     """The verification-like mail every system sends: envelope and DATA bytes."""
-    from outbox.mail import render_email
+    from outbox.smtp import render_email
 
     mail = render_email(
         email_payload(i),
@@ -60,12 +64,12 @@ async def _bare_worker(host: str, port: int, conns: int, n: int) -> None:
     await asyncio.gather(*(one(c) for c in per if c))
 
 
-def _bare_proc(host: str, port: int, conns: int, n: int, go: object) -> None:
-    go.wait()  # type: ignore[attr-defined]
+def _bare_proc(host: str, port: int, conns: int, n: int, go: Event) -> None:
+    go.wait()
     asyncio.run(_bare_worker(host, port, conns, n))
 
 
-def bare(sink, *, procs: int, conns: int, total: int) -> float:  # type: ignore[no-untyped-def]
+def bare(sink: Sink, *, procs: int, conns: int, total: int) -> float:
     """Mails/s of ``procs`` bare aiosmtplib processes (10-90 % window of the sink's times)."""
     ctx = multiprocessing.get_context("spawn")
     go = ctx.Event()
@@ -86,14 +90,16 @@ def bare(sink, *, procs: int, conns: int, total: int) -> float:  # type: ignore[
 
 
 class _Blaster(asyncio.Protocol):
-    def __init__(self, chunk: bytes, per_round: int, rounds: int, done: asyncio.Future) -> None:
+    def __init__(
+        self, chunk: bytes, per_round: int, rounds: int, done: asyncio.Future[None]
+    ) -> None:
         self.chunk, self.per_round, self.rounds, self.done = chunk, per_round, rounds, done
         self.seen = 0
         self.tail = b""
 
-    def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
-        self.transport = transport
-        transport.write(b"EHLO blaster\r\n" + self.chunk)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # a TCP connection's transport
+        self.transport.write(b"EHLO blaster\r\n" + self.chunk)
 
     def data_received(self, data: bytes) -> None:
         data = self.tail + data
@@ -119,20 +125,20 @@ async def _blast(host: str, port: int, conns: int, n: int) -> None:
     loop = asyncio.get_running_loop()
     futures = []
     for _ in range(conns):
-        done = loop.create_future()
+        done: asyncio.Future[None] = loop.create_future()
         await loop.create_connection(
-            lambda d=done: _Blaster(one * per_round, per_round, rounds, d), host, port
+            partial(_Blaster, one * per_round, per_round, rounds, done), host, port
         )
         futures.append(done)
     await asyncio.gather(*futures)
 
 
-def _blast_proc(host: str, port: int, conns: int, n: int, go: object) -> None:
-    go.wait()  # type: ignore[attr-defined]
+def _blast_proc(host: str, port: int, conns: int, n: int, go: Event) -> None:
+    go.wait()
     asyncio.run(_blast(host, port, conns, n))
 
 
-def blast(sink, *, procs: int = 1, conns: int = 4, total: int = 20000) -> float:  # type: ignore[no-untyped-def]
+def blast(sink: Sink, *, procs: int = 1, conns: int = 4, total: int = 20000) -> float:
     """Mails/s the sink takes from a minimal pipelining client: the sink's capacity here."""
     ctx = multiprocessing.get_context("spawn")
     go = ctx.Event()

@@ -37,11 +37,12 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 
-from bench.harness import ROOT, Bench, Relays, connect, log, stop_processes
+from bench.harness import ROOT, Bench, Relays, connect, fetch_value, free_port, log, stop_processes
 from bench.sink import Sink
 from bench.stats import median, percentile
 
@@ -63,8 +64,6 @@ class Server:
     """One variant: its database, its slow sink, its uvicorn process (and relay or worker)."""
 
     def __init__(self, b: Bench, kind: str) -> None:
-        from web.capture import free_port
-
         self.kind = kind
         self.url = b.create_db(f"web_{kind}")
         self.sink = Sink(delay=MAIL_DELAY_S).start()
@@ -151,14 +150,13 @@ class Server:
 
     def users(self) -> int:
         with connect(self.url) as conn:
-            return int(conn.execute("SELECT count(*) FROM users").fetchone()[0])  # type: ignore[index]
+            return int(fetch_value(conn, "SELECT count(*) FROM users"))
 
     def queued(self) -> int | None:
         """Mails still waiting: outbox rows not sent, or messages in Celery's queue."""
         if self.kind == "outbox":
             with connect(self.url) as conn:
-                row = conn.execute("SELECT count(*) FROM outbox WHERE sent_at IS NULL").fetchone()
-                return int(row[0])  # type: ignore[index]
+                return int(fetch_value(conn, "SELECT count(*) FROM outbox WHERE sent_at IS NULL"))
         if self.kind == "celery":
             from bench.signup_apps import QUEUE, celery_app
 
@@ -183,7 +181,11 @@ class Server:
 
 
 async def _load(
-    base: str, seconds: float, rate: float | None, tag: str, during: Any = None
+    base: str,
+    seconds: float,
+    rate: float | None,
+    tag: str,
+    during: Callable[[], Awaitable[None]] | None = None,
 ) -> dict[str, Any]:
     """16 clients for ``seconds``: back to back (``rate`` None) or together offering ``rate``
     requests/s. Returns latencies (ms) of the 2xx answers, errors, and answers per second."""
@@ -232,7 +234,11 @@ async def _load(
 
 
 def load(
-    base: str, seconds: float, rate: float | None, tag: str, during: Any = None
+    base: str,
+    seconds: float,
+    rate: float | None,
+    tag: str,
+    during: Callable[[], Awaitable[None]] | None = None,
 ) -> dict[str, Any]:
     return asyncio.run(_load(base, seconds, rate, tag, during))
 
