@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from outbox.errors import ConfigError
 from outbox.schema import metadata as outbox_metadata
-from outbox.settings import Settings
+from outbox.settings import Settings, split_pgbouncer_marker
 from web.ratelimit import rate_limits_table  # noqa: F401  (registers the table)
 from web.users import metadata as users_metadata
 
@@ -43,7 +43,7 @@ def run_migrations_online() -> None:
     url = Settings.from_env().database_url
     if url is None:
         raise ConfigError("DATABASE_URL is required to run migrations")
-    asyncio.run(_run_async(url))
+    asyncio.run(_run_async(split_pgbouncer_marker(url)[0]))  # the marker is not libpq's
 
 
 if context.is_offline_mode():

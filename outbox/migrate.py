@@ -32,9 +32,10 @@ def upgrade_url(database_url: str, revision: str = "head") -> None:
     """Upgrade the database at ``database_url`` (any accepted spelling) in its own transaction."""
     from sqlalchemy import create_engine
 
-    from outbox.settings import normalise_database_url
+    from outbox.settings import normalise_database_url, split_pgbouncer_marker
 
-    engine = create_engine(normalise_database_url(database_url))
+    # A migration is one transaction, so it may run through PgBouncer; the marker is ours only.
+    engine = create_engine(split_pgbouncer_marker(normalise_database_url(database_url))[0])
     try:
         with engine.begin() as connection:
             upgrade(connection, revision)

@@ -28,8 +28,40 @@ def normalise_database_url(url: str) -> str:
 
 
 def libpq_url(url: str) -> str:
-    """The same URL spelt for libpq (psycopg.connect, psql), without the SQLAlchemy driver."""
-    return "postgresql://" + normalise_database_url(url).partition("://")[2]
+    """The same URL spelt for libpq (psycopg.connect, psql), without the SQLAlchemy driver and
+    without our ``pgbouncer`` marker (libpq refuses query parameters it does not know)."""
+    return (
+        "postgresql://" + split_pgbouncer_marker(normalise_database_url(url))[0].partition("://")[2]
+    )
+
+
+def split_pgbouncer_marker(url: str) -> tuple[str, bool]:
+    """``url`` without its ``pgbouncer=true|false`` query parameter, and what it said.
+
+    ``?pgbouncer=true`` on a database URL says that it points at PgBouncer in transaction pooling
+    mode (see ``outbox.db.create_engine``). It travels with the URL, so every process that reads
+    ``DATABASE_URL`` (web, relay, CLI) learns it without a second variable; it is removed before
+    any driver sees the URL.
+    """
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url, False
+    kept: list[str] = []
+    marked = False
+    for item in query.split("&"):
+        name, _, value = item.partition("=")
+        if name != "pgbouncer":
+            if item:
+                kept.append(item)
+            continue
+        if value.lower() not in _TRUE | _FALSE:
+            raise ConfigError(f"pgbouncer= in a database URL must be true or false, not {value!r}")
+        marked = value.lower() in _TRUE
+    return base + ("?" + "&".join(kept) if kept else ""), marked
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
 
 
 @dataclass(frozen=True)
@@ -80,6 +112,9 @@ class Settings:
     old_secret_keys: tuple[str, ...] = ()
     token_max_age_s: int = 48 * 3600
     notify: bool = True
+    # A direct (not pooled) PostgreSQL URL for the relay's LISTEN connection, for when
+    # DATABASE_URL goes through PgBouncer in transaction pooling mode (OUTBOX_LISTEN_URL).
+    listen_url: str | None = None
     # Rate limits of the signup app ("20/hour", "5/10m", "off"); parsed by web.ratelimit.
     rate_limit_per_ip: str = "30/hour"
     rate_limit_per_email: str = "5/hour"
@@ -87,6 +122,15 @@ class Settings:
     def __post_init__(self) -> None:
         if self.database_url is not None:
             object.__setattr__(self, "database_url", normalise_database_url(self.database_url))
+            split_pgbouncer_marker(self.database_url)  # validates the marker
+        if self.listen_url is not None:
+            listen_url = normalise_database_url(self.listen_url)
+            if split_pgbouncer_marker(listen_url)[1]:
+                raise ConfigError(
+                    "OUTBOX_LISTEN_URL must be a direct connection: LISTEN does not work "
+                    "through PgBouncer's transaction pooling"
+                )
+            object.__setattr__(self, "listen_url", listen_url)
         if self.smtp_url is not None:
             SmtpConfig.from_url(self.smtp_url)  # validates
         if "@" not in self.mail_from:
@@ -120,7 +164,8 @@ class Settings:
             secret_key=get("SECRET_KEY"),
             old_secret_keys=old_keys,
             token_max_age_s=max_age_s,
-            notify=(get("OUTBOX_NOTIFY") or "true").lower() not in ("0", "false", "no", "off"),
+            notify=(get("OUTBOX_NOTIFY") or "true").lower() not in _FALSE,
+            listen_url=get("OUTBOX_LISTEN_URL"),
             rate_limit_per_ip=get("RATE_LIMIT_PER_IP") or cls.rate_limit_per_ip,
             rate_limit_per_email=get("RATE_LIMIT_PER_EMAIL") or cls.rate_limit_per_email,
         )
@@ -134,6 +179,11 @@ class Settings:
         for name in names:
             if getattr(self, name) is None:
                 raise ConfigError(f"{name.upper()} is required (set it in the environment)")
+
+    @property
+    def behind_pgbouncer(self) -> bool:
+        """Whether ``DATABASE_URL`` carries ``?pgbouncer=true`` (transaction pooling)."""
+        return self.database_url is not None and split_pgbouncer_marker(self.database_url)[1]
 
     @property
     def smtp(self) -> SmtpConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from outbox.errors import ConfigError
-from outbox.settings import Settings, SmtpConfig, libpq_url
+from outbox.settings import Settings, SmtpConfig, libpq_url, split_pgbouncer_marker
 
 
 @pytest.mark.parametrize(
@@ -49,3 +49,37 @@ def test_settings_smtp_url_forms() -> None:
     assert (tls.port, tls.use_tls, tls.username, tls.password) == (465, True, "user@x", "p:ss")
     starttls = SmtpConfig.from_url("smtp://mail.example:587?starttls=true")
     assert starttls.start_tls and not starttls.use_tls
+
+
+@pytest.mark.parametrize(
+    ("url", "stripped", "marked"),
+    [
+        ("postgresql://u@h/db", "postgresql://u@h/db", False),
+        ("postgresql://u@h/db?pgbouncer=true", "postgresql://u@h/db", True),
+        (
+            "postgresql://u@h/db?sslmode=require&pgbouncer=1",
+            "postgresql://u@h/db?sslmode=require",
+            True,
+        ),
+        (
+            "postgresql://u@h/db?pgbouncer=false&sslmode=require",
+            "postgresql://u@h/db?sslmode=require",
+            False,
+        ),
+    ],
+)
+def test_settings_pgbouncer_marker_is_read_and_never_reaches_libpq(
+    url: str, stripped: str, marked: bool
+) -> None:
+    assert split_pgbouncer_marker(url) == (stripped, marked)
+    assert libpq_url(url) == stripped
+    assert Settings.from_env({"DATABASE_URL": url}).behind_pgbouncer is marked
+
+
+def test_settings_listen_url_must_be_direct() -> None:
+    settings = Settings.from_env({"OUTBOX_LISTEN_URL": "postgres://u@db/app"})
+    assert settings.listen_url == "postgresql+psycopg://u@db/app"
+    with pytest.raises(ConfigError, match="OUTBOX_LISTEN_URL"):
+        Settings.from_env({"OUTBOX_LISTEN_URL": "postgresql://u@bouncer/app?pgbouncer=true"})
+    with pytest.raises(ConfigError, match="pgbouncer="):
+        Settings.from_env({"DATABASE_URL": "postgresql://u@h/db?pgbouncer=maybe"})
