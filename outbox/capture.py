@@ -80,7 +80,7 @@ class CaptureServer:
         self.reply: str | None = None
         self.delay = 0.0  # seconds to think before answering DATA: a slow mail server
         self.stall: set[str] = set()  # recipients whose mail is read but never answered
-        self.refuse: dict[str, str] = {}  # recipient -> reply to its RCPT ("550 5.1.1 No such user")
+        self.refuse: dict[str, str] = {}  # recipient -> its RCPT reply ("550 5.1.1 No such user")
         self.max_recipients = 0  # RCPTs accepted per transaction (0: no limit)
         self.data_attempts = 0
         self._mails: list[CapturedMail] = []

@@ -41,23 +41,39 @@ async def enqueue(
         )
 
 
+_POOLED = "outbox_pooled"  # key in SQLAlchemy's per-DBAPI-connection ``info`` dict
+
+
 @contextlib.asynccontextmanager
 async def _never_prepared(conn: Executor) -> AsyncIterator[None]:
-    """Keep psycopg from turning the insert into a server-side prepared statement.
+    """Keep psycopg from making the insert a server-side prepared statement behind a pooler.
 
     psycopg prepares a statement on the server once a connection has run it 5 times (its
     ``prepare_threshold``). Behind PgBouncer in transaction pooling mode the next transaction
     runs on another server connection, where that statement does not exist (or another client's
     of the same name does): measured, 132 of 1,000 concurrent enqueues failed that way on an
     engine with psycopg's defaults. The caller's engine is not ours to configure, so the insert
-    alone is run unprepared, on any engine; the connection's own setting is put back at once (a
-    connection serves one coroutine at a time, so nothing else runs on it meanwhile). Preparing
-    this one-row insert saves no measurable time (see the README's PgBouncer section).
+    alone runs unprepared there; the connection's setting is put back at once (a connection
+    serves one coroutine at a time, so nothing else runs on it meanwhile).
+
+    Direct connections keep the prepared insert, which is cheaper (see bench/ab_periphery.py).
+    A pooler is recognised once per connection, by one query: a pooler answers the client's
+    startup with a process id of its own, so the ``backend_pid`` psycopg was told differs from
+    the server's ``pg_backend_pid()``. (Session pooling is taken for a pooler too: it only
+    loses the prepare.)
     """
     connection = await conn.connection() if isinstance(conn, AsyncSession) else conn
     raw = await connection.get_raw_connection()
     driver = raw.driver_connection
-    if not isinstance(driver, psycopg.AsyncConnection):
+    if not isinstance(driver, psycopg.AsyncConnection) or driver.prepare_threshold is None:
+        yield
+        return
+    pooled = raw.info.get(_POOLED)
+    if pooled is None:
+        pooled = raw.info[_POOLED] = (
+            await queries.server_backend_pid(connection) != driver.info.backend_pid
+        )
+    if not pooled:
         yield
         return
     previous = driver.prepare_threshold

@@ -67,6 +67,18 @@ async def insert_message(
     return message_id
 
 
+# --- SELECT_BACKEND_PID -------------------------------------------------------------------------
+# The server process behind this connection. ``enqueue`` compares it, once per connection, with
+# the process id the connection was given at startup: a pooler (PgBouncer) gives one of its own,
+# and behind a transaction pooler the insert must not become a server-side prepared statement.
+SELECT_BACKEND_PID = text("SELECT pg_backend_pid()")
+
+
+async def server_backend_pid(conn: AsyncConnection) -> int:
+    pid: int = (await conn.execute(SELECT_BACKEND_PID)).scalar_one()
+    return pid
+
+
 # --- SELECT_NOW -------------------------------------------------------------------------------
 # The database's clock, for a drain that must fix "due now" once at its start.
 SELECT_NOW = text("SELECT statement_timestamp()")

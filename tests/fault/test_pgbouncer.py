@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 import outbox
 from outbox.capture import CaptureServer
@@ -151,3 +151,43 @@ async def test_session_settings_hold_through_pgbouncer(db_url: str, pgbouncer: P
     with psycopg.connect(libpq_url(pgbouncer.url(db_url)), autocommit=True) as conn:
         row = conn.execute("SHOW idle_in_transaction_session_timeout").fetchone()
         assert row is not None and row[0] == "0"
+
+
+async def _prepared_inserts(engine: AsyncEngine, *, session: bool) -> list[str]:
+    """Enqueue 10 times on one connection (twice psycopg's prepare threshold), through an
+    ``AsyncSession`` or an ``AsyncConnection``; return the statements the server has prepared."""
+    query = text("SELECT statement FROM pg_prepared_statements")
+    if session:
+        async with AsyncSession(engine) as db:
+            for n in range(10):
+                await outbox.enqueue(db, topic="email", payload=_payload(n))
+                await db.commit()
+            return list((await db.execute(query)).scalars())
+    async with engine.connect() as conn:
+        for n in range(10):
+            await outbox.enqueue(conn, topic="email", payload=_payload(n))
+            await conn.commit()
+        return list((await conn.execute(query)).scalars())
+
+
+@pytest.mark.parametrize("session", [False, True], ids=["connection", "session"])
+async def test_enqueue_is_prepared_direct_and_unprepared_through_pgbouncer(
+    db_url: str, pgbouncer: PgBouncer, session: bool
+) -> None:
+    """On a direct connection the insert stays a prepared statement (cheaper); on the same
+    default engine settings through PgBouncer it never becomes one, so it cannot fail."""
+    direct = create_async_engine(normalise_database_url(db_url), pool_size=1)
+    pooled = create_async_engine(
+        normalise_database_url(pgbouncer.url(db_url, marker=False)), pool_size=1
+    )
+    try:
+        assert any(
+            "INSERT INTO outbox" in s for s in await _prepared_inserts(direct, session=session)
+        )
+        assert not any(
+            "INSERT INTO outbox" in s for s in await _prepared_inserts(pooled, session=session)
+        )
+    finally:
+        await direct.dispose()
+        await pooled.dispose()
+    assert scalar(db_url, "SELECT count(*) FROM outbox") == 20
