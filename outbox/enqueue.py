@@ -63,7 +63,11 @@ async def _never_prepared(conn: Executor) -> AsyncIterator[None]:
     loses the prepare.)
     """
     connection = await conn.connection() if isinstance(conn, AsyncSession) else conn
-    raw = await connection.get_raw_connection()
+    sync = connection.sync_connection
+    if sync is not None and not sync.closed and not sync.invalidated:
+        raw = sync.connection  # checked out already: an attribute, not a greenlet hop (~17 us)
+    else:
+        raw = await connection.get_raw_connection()
     driver = raw.driver_connection
     if not isinstance(driver, psycopg.AsyncConnection) or driver.prepare_threshold is None:
         yield
