@@ -22,6 +22,14 @@ from outbox.capture import free_port
 from outbox.settings import libpq_url
 
 
+def binary() -> str | None:
+    """The pgbouncer program (Debian puts it in /usr/sbin, often not on a user's PATH)."""
+    found = shutil.which("pgbouncer")
+    if found:
+        return found
+    return "/usr/sbin/pgbouncer" if os.access("/usr/sbin/pgbouncer", os.X_OK) else None
+
+
 class PgBouncer:
     """``start()`` / ``stop()``; ``url(db_url)`` is ``db_url`` routed through it."""
 
@@ -60,8 +68,9 @@ class PgBouncer:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 15) -> PgBouncer:
-        binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
-        command = [binary, str(self.ini)]
+        path = binary()
+        assert path is not None, "pgbouncer is not installed"
+        command = [path, str(self.ini)]
         if os.geteuid() == 0:
             command[1:1] = ["-u", "nobody"]
         with open(self.log_path, "wb") as log:
