@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 import outbox
@@ -153,9 +154,30 @@ async def test_session_settings_hold_through_pgbouncer(db_url: str, pgbouncer: P
                 assert shown == "7s"
     finally:
         await engine.dispose()
+    server_default = scalar(db_url, "SHOW idle_in_transaction_session_timeout")
     with psycopg.connect(libpq_url(pgbouncer.url(db_url)), autocommit=True) as conn:
         row = conn.execute("SHOW idle_in_transaction_session_timeout").fetchone()
-        assert row is not None and row[0] == "0"
+        assert row is not None and row[0] == server_default
+
+
+async def test_idle_transaction_bound_is_enforced_through_pgbouncer(
+    db_url: str, pgbouncer: PgBouncer
+) -> None:
+    """The bound does its job through PgBouncer: a relay transaction left idle past it is ended
+    by the server (so a frozen relay's locks are released), and the engine carries on."""
+    engine = create_engine(
+        pgbouncer.url(db_url), application_name="outbox-relay", idle_in_transaction_timeout=1
+    )
+    try:
+        with pytest.raises(DBAPIError):
+            async with engine.begin() as conn:
+                await conn.execute(text("SELECT 1"))
+                await asyncio.sleep(4)  # idle in transaction, well past the 1 s bound
+                await conn.execute(text("SELECT 1"))
+        async with engine.begin() as conn:
+            assert (await conn.execute(text("SELECT 1"))).scalar() == 1
+    finally:
+        await engine.dispose()
 
 
 async def _prepared_inserts(engine: AsyncEngine, *, session: bool) -> list[str]:
