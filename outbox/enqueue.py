@@ -6,9 +6,7 @@ if and only if the caller's own writes do, so the caller's commit is the only co
 
 from __future__ import annotations
 
-import contextlib
 import uuid
-from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
@@ -35,32 +33,39 @@ async def enqueue(
     """
     if not topic:
         raise ValueError("topic must be a non-empty string")
-    async with _never_prepared(conn):
+    pooled = await _pooled_driver(conn)
+    if pooled is None:
         return await queries.insert_message(
             conn, topic=topic, payload=payload, available_at=available_at, notify=notify
         )
+    previous = pooled.prepare_threshold
+    pooled.prepare_threshold = None  # put back at once: see _pooled_driver
+    try:
+        return await queries.insert_message(
+            conn, topic=topic, payload=payload, available_at=available_at, notify=notify
+        )
+    finally:
+        pooled.prepare_threshold = previous
 
 
 _POOLED = "outbox_pooled"  # key in SQLAlchemy's per-DBAPI-connection ``info`` dict
 
 
-@contextlib.asynccontextmanager
-async def _never_prepared(conn: Executor) -> AsyncIterator[None]:
-    """Keep psycopg from making the insert a server-side prepared statement behind a pooler.
+async def _pooled_driver(conn: Executor) -> psycopg.AsyncConnection[Any] | None:
+    """The psycopg connection under ``conn`` if it goes through a pooler and may prepare.
 
     psycopg prepares a statement on the server once a connection has run it 5 times (its
     ``prepare_threshold``). Behind PgBouncer in transaction pooling mode the next transaction
     runs on another server connection, where that statement does not exist (or another client's
     of the same name does): measured, 132 of 1,000 concurrent enqueues failed that way on an
-    engine with psycopg's defaults. The caller's engine is not ours to configure, so the insert
-    alone runs unprepared there; the connection's setting is put back at once (a connection
+    engine with psycopg's defaults. The caller's engine is not ours to configure, so there the
+    insert alone runs unprepared, and the connection's setting is put back at once (a connection
     serves one coroutine at a time, so nothing else runs on it meanwhile).
 
-    Direct connections keep the prepared insert, which is cheaper (see bench/ab_periphery.py).
-    A pooler is recognised once per connection, by one query: a pooler answers the client's
-    startup with a process id of its own, so the ``backend_pid`` psycopg was told differs from
-    the server's ``pg_backend_pid()``. (Session pooling is taken for a pooler too: it only
-    loses the prepare.)
+    Direct connections keep the prepared insert, as before (see bench/ab_periphery.py). A pooler
+    is recognised once per connection, by one query: a pooler answers the client's startup with
+    a process id of its own, so the ``backend_pid`` psycopg was told differs from the server's
+    ``pg_backend_pid()``. (Session pooling is taken for a pooler too: it only loses the prepare.)
     """
     connection = await conn.connection() if isinstance(conn, AsyncSession) else conn
     sync = connection.sync_connection
@@ -70,19 +75,10 @@ async def _never_prepared(conn: Executor) -> AsyncIterator[None]:
         raw = await connection.get_raw_connection()
     driver = raw.driver_connection
     if not isinstance(driver, psycopg.AsyncConnection) or driver.prepare_threshold is None:
-        yield
-        return
+        return None
     pooled = raw.info.get(_POOLED)
     if pooled is None:
         pooled = raw.info[_POOLED] = (
             await queries.server_backend_pid(connection) != driver.info.backend_pid
         )
-    if not pooled:
-        yield
-        return
-    previous = driver.prepare_threshold
-    driver.prepare_threshold = None
-    try:
-        yield
-    finally:
-        driver.prepare_threshold = previous
+    return driver if pooled else None

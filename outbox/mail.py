@@ -387,42 +387,54 @@ class SmtpSender:
             self._slots.put_nowait(client)
 
     async def _send(self, client: _TrackingSMTP, mail: RenderedEmail) -> _Delivery:
-        """Hand ``mail`` over, in as many SMTP transactions as the server's recipient limit needs.
+        """Hand ``mail`` over: one SMTP transaction, or more when the server limits recipients."""
+        client.body_started = False
+        options = ["SMTPUTF8", "BODY=8BITMIME"] if mail.smtputf8 else None
+        refused, _ = await client.sendmail(
+            mail.sender, mail.recipients, mail.data, mail_options=options
+        )
+        total = len(mail.recipients)
+        delivery = _Delivery(total, total - len(refused), [client.last_reply])
+        if refused:
+            await self._send_rest(client, mail, options, delivery, refused)
+        return delivery
+
+    async def _send_rest(
+        self,
+        client: _TrackingSMTP,
+        mail: RenderedEmail,
+        options: list[str] | None,
+        delivery: _Delivery,
+        refused: dict[str, aiosmtplib.SMTPResponse],
+    ) -> None:
+        """After a transaction refused some recipients, decide about each of them.
 
         A server that limits recipients per transaction answers ``452`` (RFC 5321 4.5.3.1.10:
         "too many recipients") to the RCPTs past its limit, and the client is to send the mail
         to those in another transaction; so recipients refused with 452 are tried again at once,
-        as long as each transaction gets the mail to at least one more of them.
+        as long as each transaction gets the mail to at least one more of them. Every other
+        refusal, and a 452 that makes no progress, goes into ``delivery.refused``.
         """
-        client.body_started = False
-        options = ["SMTPUTF8", "BODY=8BITMIME"] if mail.smtputf8 else None
-        delivery = _Delivery(len(mail.recipients))
-        pending = mail.recipients
-        while pending:
+        tried = len(mail.recipients)
+        while refused:
+            progress = len(refused) < tried
+            again = [r for r, reply in refused.items() if progress and reply.code == 452]
+            retried = set(again)
+            delivery.refused.update({r: reply for r, reply in refused.items() if r not in retried})
+            if not again:
+                return
+            tried = len(again)
             try:
                 refused, _ = await client.sendmail(
-                    mail.sender, pending, mail.data, mail_options=options
+                    mail.sender, again, mail.data, mail_options=options
                 )
-            except aiosmtplib.SMTPRecipientsRefused as exc:
-                if not delivery.accepted:
-                    raise  # nobody has the mail: an ordinary failure of the whole message
+            except aiosmtplib.SMTPRecipientsRefused as exc:  # every one of them, this time
                 refused = {
                     r.recipient: aiosmtplib.SMTPResponse(r.code, r.message) for r in exc.recipients
                 }
             else:
-                delivery.accepted += len(pending) - len(refused)
+                delivery.accepted += tried - len(refused)
                 delivery.replies.append(client.last_reply)
-            again = [rcpt for rcpt, reply in refused.items() if reply.code == 452]
-            progress = len(refused) < len(pending)
-            delivery.refused.update(
-                {
-                    rcpt: reply
-                    for rcpt, reply in refused.items()
-                    if not (progress and reply.code == 452)
-                }
-            )
-            pending = again if progress else []
-        return delivery
 
     async def aclose(self) -> None:
         """Say QUIT on every idle connection; called when the relay stops."""
