@@ -9,6 +9,7 @@ breaks session state (startup ``options``, prepared statements, LISTEN), hence t
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -39,10 +40,16 @@ class PgBouncer:
         self.password = str(info.get("password") or "")
         self.port = free_port()
         # Root may not run PgBouncer ("PgBouncer should not run as root"): CI runs as root, so
-        # it drops to nobody, who must be able to read the files: a world-readable folder.
+        # it drops to another user, who must be able to read the files: a world-readable folder.
         self.dir = Path(tempfile.mkdtemp(prefix="outbox-pgbouncer-"))
         self.dir.chmod(0o755)
-        target = f"host={info.get('host') or '127.0.0.1'} port={info.get('port') or 5432}"
+        host = str(info.get("host") or "127.0.0.1")
+        target = f"host={host} port={info.get('port') or 5432}"
+        # As root it runs as a user who can reach the server: the owner of its socket folder
+        # (the embedded server keeps its socket in its data folder, mode 0700), else nobody.
+        self.run_as = (
+            pwd.getpwuid(os.stat(host).st_uid).pw_name if host.startswith("/") else "nobody"
+        )
         if self.password:
             target += f" password={self.password}"
         auth = self.dir / "users.txt"
@@ -72,7 +79,7 @@ class PgBouncer:
         assert path is not None, "pgbouncer is not installed"
         command = [path, str(self.ini)]
         if os.geteuid() == 0:
-            command[1:1] = ["-u", "nobody"]
+            command[1:1] = ["-u", self.run_as]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
