@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from outbox.migrate import VERSION_TABLE
 from outbox.schema import metadata as outbox_metadata
-from outbox.settings import Settings
+from outbox.settings import Settings, split_pgbouncer_marker
 from web.tables import metadata as app_metadata
 
 config = context.config
@@ -67,7 +67,7 @@ def run_migrations_online() -> None:
     if url is None:
         raise SystemExit("alembic: DATABASE_URL is required (set in the environment)")
     try:
-        asyncio.run(_run_async(url))
+        asyncio.run(_run_async(split_pgbouncer_marker(url)[0]))  # the marker is not libpq's
     except OSError as exc:
         raise SystemExit(f"alembic: cannot reach the database: {_one_line(exc)}") from None
     except Exception as exc:

@@ -1,4 +1,20 @@
-"""Engines for the relay, the web app and the CLI, configured the same way everywhere."""
+"""Engines for the relay, the web app and the CLI, configured the same way everywhere.
+
+Direct to PostgreSQL or through PgBouncer in transaction pooling mode (``?pgbouncer=true`` on the
+URL, or ``pgbouncer=True``). Transaction pooling hands each *transaction* whichever server
+connection is free, so nothing may outlive a transaction on the server side:
+
+- session settings cannot go in the startup packet (PgBouncer refuses ``options``: "unsupported
+  startup parameter"), nor in a plain ``SET`` (it would stick to a server connection that other
+  clients then get); they are set with ``set_config(..., is_local => true)`` at the start of every
+  transaction instead, which lasts exactly that transaction;
+- psycopg's automatic server-side prepared statements (after 5 runs of one statement on a
+  connection) would be prepared on one server connection and looked up on another ("prepared
+  statement "_pg3_0" does not exist" / "already exists"): they are turned off
+  (``prepare_threshold=None``);
+- LISTEN cannot work at all (the listening server connection is handed to someone else): the
+  relay takes a direct URL for it (``OUTBOX_LISTEN_URL``) or polls (see ``outbox.runner``).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +22,12 @@ from typing import Any
 
 import psycopg
 import sqlalchemy.exc
+from sqlalchemy import event, text
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from outbox.listener import KEEPALIVE_ARGS
-from outbox.settings import libpq_url, normalise_database_url
+from outbox.settings import libpq_url, normalise_database_url, split_pgbouncer_marker
 
 
 def create_engine(
@@ -18,23 +36,58 @@ def create_engine(
     application_name: str,
     idle_in_transaction_timeout: float | None = None,
     pool_size: int = 5,
+    pgbouncer: bool | None = None,
 ) -> AsyncEngine:
     """An async engine on psycopg 3 with TCP keepalives and, for relays, a bound on idle
-    transactions, so a vanished or frozen client releases its row locks (see RelayConfig)."""
-    options = []
+    transactions, so a vanished or frozen client releases its row locks (see RelayConfig).
+
+    ``pgbouncer``: the URL leads to PgBouncer in transaction pooling mode; ``None`` (the default)
+    reads the URL's ``pgbouncer=true|false`` marker.
+    """
+    url, marked = split_pgbouncer_marker(normalise_database_url(database_url))
+    pooled = marked if pgbouncer is None else pgbouncer
+    session_settings: dict[str, str] = {}
     if idle_in_transaction_timeout is not None:
         ms = int(idle_in_transaction_timeout * 1000)
-        options.append(f"-c idle_in_transaction_session_timeout={ms}")
+        session_settings["idle_in_transaction_session_timeout"] = str(ms)
     connect_args: dict[str, Any] = {"application_name": application_name, **KEEPALIVE_ARGS}
-    if options:
-        connect_args["options"] = " ".join(options)
-    return create_async_engine(
-        normalise_database_url(database_url),
+    if pooled:
+        connect_args["prepare_threshold"] = None
+    elif session_settings:
+        connect_args["options"] = " ".join(f"-c {k}={v}" for k, v in session_settings.items())
+    engine = create_async_engine(
+        url,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
         connect_args=connect_args,
     )
+    if pooled and session_settings:
+        _set_local_on_begin(engine, session_settings)
+    return engine
+
+
+# Every session setting of an engine, for the current transaction only (is_local => true), in one
+# round trip whatever their number; names and values are bound parameters.
+SET_LOCAL_MANY = text(
+    """
+    SELECT set_config(name, value, true)
+    FROM unnest(CAST(:names AS text[]), CAST(:values AS text[])) AS s(name, value)
+    """
+)
+
+
+def _set_local_on_begin(engine: AsyncEngine, settings: dict[str, str]) -> None:
+    """Apply ``settings`` at the start of every transaction of ``engine``, for it alone.
+
+    Costs one round trip per transaction, paid only behind PgBouncer (direct connections get the
+    settings once, at connect).
+    """
+    params = {"names": list(settings), "values": list(settings.values())}
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _set_local(conn: Connection) -> None:
+        conn.execute(SET_LOCAL_MANY, params)
 
 
 def engine_libpq_url(engine: AsyncEngine) -> str:

@@ -12,7 +12,7 @@ import functools
 import logging
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field as _field
 from email.header import Header
 from email.message import EmailMessage
 from email.policy import SMTPUTF8
@@ -145,7 +145,7 @@ def render_email(payload: Any, *, message_id: uuid.UUID, mail_from: str) -> Rend
     (_, sender), recipients = addresses[0], [a for _, a in addresses[1:]]
     head = [
         f"From: {_format_address(*addresses[0])}",
-        "To: " + ", ".join(_format_address(n, a) for n, a in addresses[1:]),
+        _address_list("To", [_format_address(n, a) for n, a in addresses[1:]]),
         f"Subject: {_encode_subject(payload['subject'])}",
         f"Date: {formatdate(usegmt=True)}",
         f"Message-ID: {message_id_header(message_id, mail_from)}",
@@ -172,6 +172,26 @@ def _format_address(name: str, address: str) -> str:
     if not name:
         return address
     return formataddr((name, address), charset="utf-8")
+
+
+def _address_list(field: str, addresses: list[str]) -> str:
+    """``To: a, b, c`` folded after a comma wherever the next address would take the line past
+    78 characters (RFC 5322 2.1.1). Unfolded, about 45 recipients made a line the server refused
+    (``500 Line too long``: SMTP's limit is 998), and the message went dead."""
+    head = f"{field}:"
+    if len(addresses) == 1:
+        return f"{head} {addresses[0]}"
+    lines: list[str] = []
+    line = head
+    last = len(addresses) - 1
+    for i, address in enumerate(addresses):
+        piece = address if i == last else address + ","
+        if line != head and len(line) + 1 + len(piece) > 78:
+            lines.append(line)
+            line = ""
+        line += " " + piece
+    lines.append(line)
+    return "\r\n".join(lines)
 
 
 def _encode_subject(value: str) -> str:
@@ -243,6 +263,33 @@ class _TrackingSMTP(aiosmtplib.SMTP):
         return response
 
 
+@dataclass(slots=True)
+class _Delivery:
+    """What the server did with one mail's recipients, over all its transactions."""
+
+    total: int
+    accepted: int = 0
+    replies: list[str] = _field(default_factory=list)
+    refused: dict[str, aiosmtplib.SMTPResponse] = _field(default_factory=dict)
+
+    def result(self) -> str:
+        """The server's reply when every recipient has the mail (kept as the row's ``result``).
+
+        Otherwise a permanent failure naming the refused recipients (the message goes dead with
+        it as ``last_error``): the accepted recipients already have the mail, and retrying it
+        would send each of them another copy on every attempt, so nothing is retried
+        automatically (see the README's failure table).
+        """
+        reply = "; ".join(self.replies)
+        if not self.refused:
+            return reply
+        refused = "; ".join(f"{rcpt}: {r.code} {r.message}" for rcpt, r in self.refused.items())
+        raise PermanentSendError(
+            f"delivered to {self.accepted} of {self.total} recipients ({reply}); not retried, "
+            f"which would send the others a copy each time; refused: {refused}"
+        )
+
+
 class SmtpSender:
     """Deliver ``email`` messages over a small pool of reused SMTP connections.
 
@@ -289,9 +336,9 @@ class SmtpSender:
             async with asyncio.timeout(self._timeout):
                 if client is not None and client.is_connected:
                     try:
-                        reply = await self._send(client, mail)
+                        delivery = await self._send(client, mail)
                         keep = True
-                        return reply
+                        return delivery.result()
                     except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
                         if client.body_started:
                             raise
@@ -300,9 +347,9 @@ class SmtpSender:
                         client.close()
                 client = self._new_client()
                 await client.connect()
-                reply = await self._send(client, mail)
+                delivery = await self._send(client, mail)
                 keep = True
-                return reply
+                return delivery.result()
         except aiosmtplib.SMTPRecipientsRefused as exc:
             keep = True
             codes = [r.code for r in exc.recipients]
@@ -339,20 +386,55 @@ class SmtpSender:
                 client = None
             self._slots.put_nowait(client)
 
-    async def _send(self, client: _TrackingSMTP, mail: RenderedEmail) -> str:
+    async def _send(self, client: _TrackingSMTP, mail: RenderedEmail) -> _Delivery:
+        """Hand ``mail`` over: one SMTP transaction, or more when the server limits recipients."""
         client.body_started = False
+        options = ["SMTPUTF8", "BODY=8BITMIME"] if mail.smtputf8 else None
         refused, _ = await client.sendmail(
-            mail.sender,
-            mail.recipients,
-            mail.data,
-            mail_options=["SMTPUTF8", "BODY=8BITMIME"] if mail.smtputf8 else None,
+            mail.sender, mail.recipients, mail.data, mail_options=options
         )
-        reply = client.last_reply
+        total = len(mail.recipients)
+        delivery = _Delivery(total, total - len(refused), [client.last_reply])
         if refused:
-            reply += "; refused: " + ", ".join(
-                f"{rcpt} {resp.code} {resp.message}" for rcpt, resp in refused.items()
-            )
-        return reply
+            await self._send_rest(client, mail, options, delivery, refused)
+        return delivery
+
+    async def _send_rest(
+        self,
+        client: _TrackingSMTP,
+        mail: RenderedEmail,
+        options: list[str] | None,
+        delivery: _Delivery,
+        refused: dict[str, aiosmtplib.SMTPResponse],
+    ) -> None:
+        """After a transaction refused some recipients, decide about each of them.
+
+        A server that limits recipients per transaction answers ``452`` (RFC 5321 4.5.3.1.10:
+        "too many recipients") to the RCPTs past its limit, and the client is to send the mail
+        to those in another transaction; so recipients refused with 452 are tried again at once,
+        as long as each transaction gets the mail to at least one more of them. Every other
+        refusal, and a 452 that makes no progress, goes into ``delivery.refused``.
+        """
+        tried = len(mail.recipients)
+        while refused:
+            progress = len(refused) < tried
+            again = [r for r, reply in refused.items() if progress and reply.code == 452]
+            retried = set(again)
+            delivery.refused.update({r: reply for r, reply in refused.items() if r not in retried})
+            if not again:
+                return
+            tried = len(again)
+            try:
+                refused, _ = await client.sendmail(
+                    mail.sender, again, mail.data, mail_options=options
+                )
+            except aiosmtplib.SMTPRecipientsRefused as exc:  # every one of them, this time
+                refused = {
+                    r.recipient: aiosmtplib.SMTPResponse(r.code, r.message) for r in exc.recipients
+                }
+            else:
+                delivery.accepted += tried - len(refused)
+                delivery.replies.append(client.last_reply)
 
     async def aclose(self) -> None:
         """Say QUIT on every idle connection; called when the relay stops."""

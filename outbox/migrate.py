@@ -25,7 +25,7 @@ from typing import Any
 
 from sqlalchemy import Connection, create_engine, text
 
-from outbox.settings import normalise_database_url
+from outbox.settings import normalise_database_url, split_pgbouncer_marker
 
 VERSION_TABLE = "outbox_schema_version"  # spelt out in the statements below (no SQL from strings)
 # pg_advisory_xact_lock key: "outbox" in ASCII, so it does not collide with a host's small ints.
@@ -144,7 +144,9 @@ def uninstall(connection: Connection) -> None:
 
 def upgrade_url(database_url: str, **engine_options: Any) -> list[int]:
     """Upgrade the database at ``database_url`` (any accepted spelling) in its own transaction."""
-    engine = create_engine(normalise_database_url(database_url), **engine_options)
+    # A migration is one transaction, so it may run through PgBouncer; the marker is ours only.
+    url = split_pgbouncer_marker(normalise_database_url(database_url))[0]
+    engine = create_engine(url, **engine_options)
     try:
         with engine.begin() as connection:
             return upgrade(connection)

@@ -116,6 +116,13 @@ class Insert:
         return SELECT_BY_DEDUPE_KEY, {"dedupe_key": self.params["dedupe_key"]}
 
 
+# --- SELECT_BACKEND_PID -------------------------------------------------------------------------
+# The server process behind this connection. ``enqueue`` compares it, once per connection, with
+# the process id the connection was given at startup: a pooler (PgBouncer) gives one of its own,
+# and behind a transaction pooler the insert must not become a server-side prepared statement.
+SELECT_BACKEND_PID = text("SELECT pg_backend_pid()")
+
+
 # --- SELECT_NOW -------------------------------------------------------------------------------
 # The database's clock, for a drain that must fix "due now" once at its start.
 SELECT_NOW = text("SELECT statement_timestamp()")

@@ -13,12 +13,13 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 from prometheus_client import start_http_server
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox import admin
 from outbox.db import create_engine, engine_libpq_url
 from outbox.registry import HandlerRegistry, default_registry
 from outbox.relay import BatchResult, Relay, RelayConfig
-from outbox.settings import Settings
+from outbox.settings import Settings, libpq_url
 from outbox.settlelog import SettleLog, StreamSettleLog
 from outbox.signals import on_stop
 from outbox.smtp import EMAIL_TOPIC, email_handler
@@ -59,7 +60,7 @@ async def open_relay(
         builtin.register(EMAIL_TOPIC, sender)
     handlers = builtin.merged(default_registry).merged(registry or HandlerRegistry())
     relay = Relay(
-        engine, handlers, config, listen_dsn=engine_libpq_url(engine), settle_log=settle_log
+        engine, handlers, config, listen_dsn=listen_dsn(settings, engine), settle_log=settle_log
     )
     try:
         yield relay
@@ -67,6 +68,26 @@ async def open_relay(
         if sender is not None:
             await sender.aclose()
         await engine.dispose()
+
+
+def listen_dsn(settings: Settings, engine: AsyncEngine) -> str | None:
+    """Where the relay LISTENs: ``OUTBOX_LISTEN_URL`` if given, else the database itself, except
+    through PgBouncer's transaction pooling, where LISTEN cannot work: then ``None`` (poll only).
+
+    A LISTEN through transaction pooling would be worse than none: PgBouncer hands the server
+    connection that ran LISTEN to other clients, so no notification ever reaches the relay while
+    the connection (to PgBouncer) looks healthy.
+    """
+    if settings.listen_url is not None:
+        return libpq_url(settings.listen_url)
+    if settings.behind_pgbouncer:
+        logger.info(
+            "DATABASE_URL goes through PgBouncer and OUTBOX_LISTEN_URL is not set: no LISTEN, "
+            "new messages are found by polling every --poll-interval",
+            extra={"action": "listen_off"},
+        )
+        return None
+    return engine_libpq_url(engine)
 
 
 async def _purge_forever(relay: Relay, retention: timedelta) -> None:

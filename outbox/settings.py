@@ -31,8 +31,40 @@ def normalise_database_url(url: str) -> str:
 
 
 def libpq_url(url: str) -> str:
-    """The same URL spelt for libpq (psycopg.connect, psql), without the SQLAlchemy driver."""
-    return "postgresql://" + normalise_database_url(url).partition("://")[2]
+    """The same URL spelt for libpq (psycopg.connect, psql), without the SQLAlchemy driver and
+    without our ``pgbouncer`` marker (libpq refuses query parameters it does not know)."""
+    return (
+        "postgresql://" + split_pgbouncer_marker(normalise_database_url(url))[0].partition("://")[2]
+    )
+
+
+def split_pgbouncer_marker(url: str) -> tuple[str, bool]:
+    """``url`` without its ``pgbouncer=true|false`` query parameter, and what it said.
+
+    ``?pgbouncer=true`` on a database URL says that it points at PgBouncer in transaction pooling
+    mode (see ``outbox.db.create_engine``). It travels with the URL, so every process that reads
+    ``DATABASE_URL`` (web, relay, CLI) learns it without a second variable; it is removed before
+    any driver sees the URL.
+    """
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url, False
+    kept: list[str] = []
+    marked = False
+    for item in query.split("&"):
+        name, _, value = item.partition("=")
+        if name != "pgbouncer":
+            if item:
+                kept.append(item)
+            continue
+        if value.lower() not in _TRUE | _FALSE:
+            raise ConfigError(f"pgbouncer= in a database URL must be true or false, not {value!r}")
+        marked = value.lower() in _TRUE
+    return base + ("?" + "&".join(kept) if kept else ""), marked
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
 
 
 _SMTP_OPTIONS = frozenset({"starttls"})
@@ -97,10 +129,22 @@ class Settings:
     database_url: str | None = None
     smtp_url: str | None = None
     mail_from: str = "noreply@localhost"
+    # A direct (not pooled) PostgreSQL URL for the relay's LISTEN connection, for when
+    # DATABASE_URL goes through PgBouncer in transaction pooling mode (OUTBOX_LISTEN_URL).
+    listen_url: str | None = None
 
     def __post_init__(self) -> None:
         if self.database_url is not None:
             object.__setattr__(self, "database_url", normalise_database_url(self.database_url))
+            split_pgbouncer_marker(self.database_url)  # validates the marker
+        if self.listen_url is not None:
+            listen_url = normalise_database_url(self.listen_url)
+            if split_pgbouncer_marker(listen_url)[1]:
+                raise ConfigError(
+                    "OUTBOX_LISTEN_URL must be a direct connection: LISTEN does not work "
+                    "through PgBouncer's transaction pooling"
+                )
+            object.__setattr__(self, "listen_url", listen_url)
         if self.smtp_url is not None:
             SmtpConfig.from_url(self.smtp_url)  # validates
         if "@" not in self.mail_from:
@@ -113,6 +157,7 @@ class Settings:
             database_url=env_value(env, "DATABASE_URL"),
             smtp_url=env_value(env, "SMTP_URL"),
             mail_from=env_value(env, "MAIL_FROM") or cls.mail_from,
+            listen_url=env_value(env, "OUTBOX_LISTEN_URL"),
         )
 
     def require(self, *names: str) -> None:
@@ -121,6 +166,11 @@ class Settings:
         if missing:
             verb = "is" if len(missing) == 1 else "are"
             raise ConfigError(f"{' and '.join(missing)} {verb} required (set in the environment)")
+
+    @property
+    def behind_pgbouncer(self) -> bool:
+        """Whether ``DATABASE_URL`` carries ``?pgbouncer=true`` (transaction pooling)."""
+        return self.database_url is not None and split_pgbouncer_marker(self.database_url)[1]
 
     @property
     def smtp(self) -> SmtpConfig | None:

@@ -3,7 +3,9 @@
 ``outbox dev`` uses it when ``SMTP_URL`` is unset (the mails show at /dev/mail) and the tests use
 it as the real SMTP server on 127.0.0.1. ``reply`` makes it answer DATA with a chosen code (451,
 550, ...) to exercise the retry and dead paths; ``delay`` makes it slow, and
-``stall`` makes it hang forever on mail to chosen recipients.
+``stall`` makes it hang forever on mail to chosen recipients. ``refuse`` answers RCPT for chosen
+recipients with a chosen reply, and ``max_recipients`` answers ``452 4.5.3`` to the RCPTs of a
+transaction past that number, as servers with a recipient limit do.
 """
 
 from __future__ import annotations
@@ -47,6 +49,19 @@ class _Handler:
     def __init__(self, server: CaptureServer) -> None:
         self._server = server
 
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        reply = self._server.refuse.get(address)
+        if reply is not None:
+            return reply
+        limit = self._server.max_recipients
+        if limit and len(envelope.rcpt_tos) >= limit:
+            return "452 4.5.3 Too many recipients"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 OK"
+
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         if self._server.stall and self._server.stall & set(envelope.rcpt_tos):
             await asyncio.Event().wait()  # swallow the body and never answer
@@ -65,6 +80,8 @@ class CaptureServer:
         self.reply: str | None = None
         self.delay = 0.0  # seconds to think before answering DATA: a slow mail server
         self.stall: set[str] = set()  # recipients whose mail is read but never answered
+        self.refuse: dict[str, str] = {}  # recipient -> its RCPT reply ("550 5.1.1 No such user")
+        self.max_recipients = 0  # RCPTs accepted per transaction (0: no limit)
         self.data_attempts = 0
         self._mails: list[CapturedMail] = []
         self._lock = threading.Lock()

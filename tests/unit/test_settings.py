@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 
 from outbox.errors import ConfigError
-from outbox.settings import Settings, SmtpConfig, libpq_url
+from outbox.settings import Settings, SmtpConfig, libpq_url, split_pgbouncer_marker
 from web.settings import Settings as AppSettings
 
 
@@ -27,7 +27,7 @@ def test_settings_accept_every_postgres_spelling(url: str) -> None:
 
 def test_settings_library_holds_no_app_setting() -> None:
     fields = {f.name for f in dataclasses.fields(Settings)}
-    assert fields == {"database_url", "smtp_url", "mail_from"}
+    assert fields == {"database_url", "smtp_url", "mail_from", "listen_url"}
 
 
 def test_settings_app_defaults() -> None:
@@ -67,3 +67,37 @@ def test_settings_smtp_url_forms() -> None:
 def test_settings_smtp_url_unknown_option_is_an_error_not_plain_text() -> None:
     with pytest.raises(ConfigError, match="unknown option.*tls"):
         SmtpConfig.from_url("smtp://mail.example:465?tls=true")
+
+
+@pytest.mark.parametrize(
+    ("url", "stripped", "marked"),
+    [
+        ("postgresql://u@h/db", "postgresql://u@h/db", False),
+        ("postgresql://u@h/db?pgbouncer=true", "postgresql://u@h/db", True),
+        (
+            "postgresql://u@h/db?sslmode=require&pgbouncer=1",
+            "postgresql://u@h/db?sslmode=require",
+            True,
+        ),
+        (
+            "postgresql://u@h/db?pgbouncer=false&sslmode=require",
+            "postgresql://u@h/db?sslmode=require",
+            False,
+        ),
+    ],
+)
+def test_settings_pgbouncer_marker_is_read_and_never_reaches_libpq(
+    url: str, stripped: str, marked: bool
+) -> None:
+    assert split_pgbouncer_marker(url) == (stripped, marked)
+    assert libpq_url(url) == stripped
+    assert Settings.from_env({"DATABASE_URL": url}).behind_pgbouncer is marked
+
+
+def test_settings_listen_url_must_be_direct() -> None:
+    settings = Settings.from_env({"OUTBOX_LISTEN_URL": "postgres://u@db/app"})
+    assert settings.listen_url == "postgresql+psycopg://u@db/app"
+    with pytest.raises(ConfigError, match="OUTBOX_LISTEN_URL"):
+        Settings.from_env({"OUTBOX_LISTEN_URL": "postgresql://u@bouncer/app?pgbouncer=true"})
+    with pytest.raises(ConfigError, match="pgbouncer="):
+        Settings.from_env({"DATABASE_URL": "postgresql://u@h/db?pgbouncer=maybe"})
