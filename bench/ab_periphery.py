@@ -35,12 +35,11 @@ from typing import Any
 import psycopg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bench.harness import libpq_url
 from bench.sink import Sink
-from outbox import enqueue, migrate, queries
+from outbox import OutboxMessage, enqueue, migrate, queries
 from outbox.db import create_engine
-from outbox.mail import SmtpSender, render_email
-from outbox.message import OutboxMessage
-from outbox.settings import SmtpConfig, libpq_url
+from outbox.smtp import SmtpConfig, SmtpSender, render_email
 
 ROOT = Path(__file__).resolve().parents[1]
 PAYLOAD = {"to": "ann@example.test", "subject": "Welcome", "text": "Hello " * 40}
@@ -125,9 +124,11 @@ async def _insert(engine: AsyncEngine, conn: Any, use_new: bool) -> None:
     if use_new:
         await enqueue(conn, topic="email", payload=PAYLOAD)
     else:
-        await queries.insert_message(
-            conn, topic="email", payload=PAYLOAD, available_at=None, notify=True
+        # The insert alone, without enqueue's pooler check: the path before PgBouncer support.
+        insert = queries.Insert.of(
+            topic="email", payload=PAYLOAD, available_at=None, notify=True, dedupe_key=None
         )
+        await conn.execute(insert.statement, insert.params)
 
 
 def bench_render(before: ModuleType, rounds: int) -> None:
@@ -216,7 +217,7 @@ async def main() -> None:
     name = f"bench_ab_{uuid.uuid4().hex[:8]}"
     admin = libpq_url(args.admin_url)
     with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]  # generated name
+        conn.execute(f'CREATE DATABASE "{name}"')  # generated name
     url = admin.rsplit("/", 1)[0] + f"/{name}"
     try:
         migrate.upgrade_url(url)
@@ -225,7 +226,7 @@ async def main() -> None:
         await bench_send(before_mail, args.rounds)
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 if __name__ == "__main__":

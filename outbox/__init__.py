@@ -6,7 +6,7 @@ the commit, with retries, and never for a transaction that rolled back.
 
 from __future__ import annotations
 
-from outbox import smtp
+from outbox import migrate, smtp
 from outbox.enqueue import enqueue
 from outbox.errors import (
     AmbiguousSendError,
@@ -38,5 +38,6 @@ __all__ = [
     "default_registry",
     "enqueue",
     "handler",
+    "migrate",
     "smtp",
 ]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from psycopg.conninfo import conninfo_to_dict
 
-from outbox.capture import free_port
+from web.capture import free_port
 from outbox.settings import libpq_url
 
 

@@ -20,7 +20,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 import outbox
-from outbox.capture import CaptureServer
+from web.capture import CaptureServer
 from outbox.db import create_engine
 from outbox.settings import libpq_url, normalise_database_url
 from tests.fault.helpers import Delivered, RelayFactory, scalar, scaled, wait_until

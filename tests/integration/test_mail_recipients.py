@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox import Relay, enqueue
-from outbox.capture import CapturedMail, CaptureServer
+from web.capture import CapturedMail, CaptureServer
 from outbox.errors import PermanentSendError
 from outbox.mail import SmtpSender
 from outbox.message import OutboxMessage
