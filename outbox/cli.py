@@ -22,6 +22,7 @@ from outbox.relay import (
     DEFAULT_BACKOFF_CAP,
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONCURRENCY,
+    DEFAULT_LEASE,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_POLL_INTERVAL,
     DEFAULT_SEND_TIMEOUT,
@@ -87,6 +88,12 @@ def _build_parser() -> argparse.ArgumentParser:
     relay.add_argument("--backoff-base", type=float, default=DEFAULT_BACKOFF_BASE)
     relay.add_argument("--backoff-cap", type=float, default=DEFAULT_BACKOFF_CAP)
     relay.add_argument("--stop-grace", type=float, default=DEFAULT_STOP_GRACE)
+    relay.add_argument(
+        "--lease",
+        type=float,
+        default=DEFAULT_LEASE,
+        help="seconds a claim lasts unrenewed: a frozen or cut-off relay's messages wait this long",
+    )
     relay.add_argument("--once", action="store_true", help="deliver everything due now, exit 0")
     relay.add_argument(
         "--import",
@@ -222,6 +229,7 @@ def _cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
         backoff_base=args.backoff_base,
         backoff_cap=args.backoff_cap,
         stop_grace=args.stop_grace,
+        lease=args.lease,
     )
     settings.require("database_url", "smtp_url")
     sys.path.insert(0, ".")
@@ -302,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _is_database_unreachable(exc: BaseException) -> bool:
-    from outbox.relay import is_connection_error
+    from outbox.dberrors import is_connection_error
 
     return is_connection_error(exc)
 

@@ -43,7 +43,7 @@ async def open_relay(
         settings.database_url,
         application_name="outbox-relay",
         idle_in_transaction_timeout=config.idle_in_transaction_timeout,
-        pool_size=2,
+        pool_size=4,  # producer, completer, heartbeat and rescuer each hold one at times
     )
     # The sender's own deadline sits just inside the relay's, so a slow SMTP server is reported
     # by the sender (which knows whether the body went out) rather than cut off blind.

@@ -53,6 +53,10 @@ outbox_table = Table(
     Column("result", Text),
     Column("sent_at", DateTime(timezone=True)),
     Column("dead_at", DateTime(timezone=True)),
+    # The relay that claimed the row and has not settled it yet (NULL otherwise). While it is
+    # set, ``available_at`` is the claim's lease: the row is not due again until the lease runs
+    # out or the owner is known dead (see CLAIM and RESCUE in ``outbox.queries``).
+    Column("claimed_by", UUID(as_uuid=True)),
 )
 
 # "Due and unsent": the claim walks this index in (available_at, id) order and stops at LIMIT,
@@ -62,6 +66,13 @@ Index(
     outbox_table.c.available_at,
     outbox_table.c.id,
     postgresql_where=text("sent_at IS NULL AND dead_at IS NULL"),
+)
+# Claimed and unsettled: only the rows in flight (a few per relay), for the heartbeat, the rescue
+# of a dead relay's rows and the claim of abandoned rows, whatever the backlog behind them.
+Index(
+    "ix_outbox_claimed",
+    outbox_table.c.claimed_by,
+    postgresql_where=text("claimed_by IS NOT NULL AND sent_at IS NULL AND dead_at IS NULL"),
 )
 # Purge and `outbox status` look sent rows up by age.
 Index(
