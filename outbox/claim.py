@@ -49,16 +49,24 @@ class ClaimCursor:
         return None
 
     async def claim(
-        self, conn: AsyncConnection, *, limit: int, now: datetime | None, claimer: ClaimOwner
+        self,
+        conn: AsyncConnection,
+        *,
+        limit: int,
+        now: datetime | None,
+        claimer: ClaimOwner,
+        clock: datetime | None = None,
     ) -> list[Claimed]:
         """Claim up to ``limit`` due rows (see the module's docstring for where from)."""
         after = self.position
         if after is not None:
-            rows = await queries.claim_due(conn, limit=limit, now=now, claimer=claimer, after=after)
+            rows = await queries.claim_due(
+                conn, limit=limit, now=now, claimer=claimer, after=after, clock=clock
+            )
             if rows:
                 self._position = rows[-1].position if len(rows) == limit else None
                 return rows
-        rows = await queries.claim_due(conn, limit=limit, now=now, claimer=claimer)
+        rows = await queries.claim_due(conn, limit=limit, now=now, claimer=claimer, clock=clock)
         self._position = rows[-1].position if len(rows) == limit else None
         self._rescan_at = self._clock() + self._rescan_every
         return rows

@@ -95,6 +95,9 @@ SELECT_NOW = text("SELECT statement_timestamp()")
 # is an index condition, so this claim descends straight to its starting point. ``outbox.claim``
 # decides when a claim may start there, and how rows behind that point are still found.
 #
+# ``:now`` is the due cutoff (a drain fixes it at its start); ``:clock`` is the time the lease runs
+# from (``None``: the database's clock), so a long drain's leases are not already over.
+#
 # RETURNING gives the row as a handler sees it plus its *old* available_at (the claim's position
 # in the index, for the resume point, and where a released row goes back to).
 _CLAIM = """
@@ -112,7 +115,7 @@ _CLAIM = """
     UPDATE outbox AS o
     SET attempts = o.attempts + 1,
         claimed_by = CAST(:owner AS uuid),
-        available_at = coalesce(CAST(:now AS timestamptz), statement_timestamp())
+        available_at = coalesce(CAST(:clock AS timestamptz), statement_timestamp())
                        + make_interval(secs => CAST(:lease AS float8))
     FROM picked
     WHERE o.id = picked.id
@@ -126,11 +129,12 @@ CLAIM_DUE_AFTER = text(
 )
 
 # --- CLAIM_ABANDONED --------------------------------------------------------------------------
-# One row whose previous claim was never settled: its owner died (RESCUE_ABANDONED made it due at
-# once) or stopped renewing its lease (frozen, cut off). Such a row may be the one that killed its
-# relay, so it is claimed alone and the relay runs it with nothing else in flight: if it kills
-# this relay too, it takes no batch-mate with it (see ``Relay._run_abandoned``). ix_outbox_claimed
-# holds only the rows in flight, so this costs the same whatever the backlog. ``:held`` are the
+# One row whose previous claim was never settled because its owner died (RESCUE_ABANDONED made it
+# due at once, keeping ``claimed_by``; or the lease of a dead owner simply ran out). Such a row
+# may be the one that killed its relay, so it is claimed alone and the relay runs it with nothing
+# else in flight: if it kills this relay too, it takes no batch-mate with it (see
+# ``Relay._run_abandoned``). ix_outbox_claimed holds only the rows in flight, so this costs the
+# same whatever the backlog. ``:held`` are the
 # rows this relay is running itself. Rows out of attempts are not claimed: the rescue buries them.
 CLAIM_ABANDONED = text(
     """
@@ -148,7 +152,7 @@ CLAIM_ABANDONED = text(
     UPDATE outbox AS o
     SET attempts = o.attempts + 1,
         claimed_by = CAST(:owner AS uuid),
-        available_at = coalesce(CAST(:now AS timestamptz), statement_timestamp())
+        available_at = coalesce(CAST(:clock AS timestamptz), statement_timestamp())
                        + make_interval(secs => CAST(:lease AS float8))
     FROM picked
     WHERE o.id = picked.id
@@ -202,11 +206,14 @@ async def claim_due(
     now: datetime | None,
     claimer: ClaimOwner,
     after: ClaimPosition | None = None,
+    clock: datetime | None = None,
 ) -> list[Claimed]:
-    """Claim up to ``limit`` due rows for ``claimer``, in index order. The caller commits."""
+    """Claim up to ``limit`` rows due at ``now`` for ``claimer``, in index order, leased from
+    ``clock``. The caller commits."""
     params: dict[str, Any] = {
         "limit": limit,
         "now": now,
+        "clock": clock if clock is not None else now,
         "owner": claimer.owner,
         "lease": claimer.lease,
         "topics": list(claimer.topics),
@@ -231,6 +238,7 @@ async def claim_abandoned(
         CLAIM_ABANDONED,
         {
             "now": now,
+            "clock": now,
             "owner": claimer.owner,
             "lease": claimer.lease,
             "topics": list(claimer.topics),
@@ -385,25 +393,42 @@ OWNERS_IN_FLIGHT = text(
     "SELECT DISTINCT claimed_by FROM outbox "
     "WHERE claimed_by IS NOT NULL AND sent_at IS NULL AND dead_at IS NULL"
 )
-# Rows of a dead owner are due at once; their ``claimed_by`` stays as the mark "abandoned" (they
-# are claimed alone, by CLAIM_ABANDONED). A row abandoned with no attempt left is dead, with the
-# reason, instead: a message that kills every relay that runs it ends after --max-attempts
-# crashes. The same holds for rows whose lease ran out unsettled (the owner froze or vanished).
+# Two kinds of abandoned rows, for the rows this relay does not hold itself:
+# - the owner is dead (in :dead, its lock was free): the row is due at once, with the reason in
+#   last_error, and keeps ``claimed_by`` as the mark "abandoned by a dead relay": it may be what
+#   killed that relay, so it is claimed alone (CLAIM_ABANDONED). Written once per row (the
+#   condition on last_error), not on every tick.
+# - the owner is alive but its lease ran out (frozen, cut off, or a claim whose commit it never
+#   saw): the claim is released (``claimed_by`` cleared, the attempt stays spent), and the row is
+#   claimed like any other, at the place its lease gave it in the due order.
+# Either way a row with no attempt left is dead instead, with the reason: a message that kills
+# every relay that runs it ends after --max-attempts crashes.
 RELAY_DIED = "relay died while handling it"
 LEASE_EXPIRED = "relay stopped renewing its lease while handling it"
 RESCUE_ABANDONED = text(
     """
-    WITH clock AS (SELECT coalesce(CAST(:now AS timestamptz), statement_timestamp()) AS now)
+    WITH clock AS (SELECT coalesce(CAST(:now AS timestamptz), statement_timestamp()) AS now),
+    abandoned AS (
+        SELECT id,
+               claimed_by = ANY(CAST(:dead AS uuid[])) AS died,
+               attempts >= :max_attempts AS spent
+        FROM outbox
+        WHERE claimed_by IS NOT NULL AND sent_at IS NULL AND dead_at IS NULL
+          AND NOT id = ANY(CAST(:held AS bigint[]))
+          AND ((claimed_by = ANY(CAST(:dead AS uuid[]))
+                AND (available_at > (SELECT now FROM clock)
+                     OR last_error IS DISTINCT FROM :relay_died
+                     OR attempts >= :max_attempts))
+               OR available_at <= (SELECT now FROM clock))
+        FOR UPDATE SKIP LOCKED
+    )
     UPDATE outbox AS o
     SET available_at = least(o.available_at, (SELECT now FROM clock)),
-        last_error = CASE WHEN o.claimed_by = ANY(CAST(:dead AS uuid[])) THEN :relay_died
-                          ELSE :lease_expired END,
-        dead_at = CASE WHEN o.attempts >= :max_attempts THEN (SELECT now FROM clock) END,
-        claimed_by = CASE WHEN o.attempts >= :max_attempts THEN NULL ELSE o.claimed_by END
-    WHERE o.claimed_by IS NOT NULL AND o.sent_at IS NULL AND o.dead_at IS NULL
-      AND NOT o.id = ANY(CAST(:held AS bigint[]))
-      AND ((o.claimed_by = ANY(CAST(:dead AS uuid[])) AND o.available_at > (SELECT now FROM clock))
-           OR (o.available_at <= (SELECT now FROM clock) AND o.attempts >= :max_attempts))
+        last_error = CASE WHEN a.died THEN :relay_died ELSE :lease_expired END,
+        dead_at = CASE WHEN a.spent THEN (SELECT now FROM clock) END,
+        claimed_by = CASE WHEN a.died AND NOT a.spent THEN o.claimed_by END
+    FROM abandoned AS a
+    WHERE o.id = a.id
     RETURNING o.id, o.dead_at IS NOT NULL
     """
 )

@@ -441,7 +441,7 @@ class Relay:
             async with self._transaction() as conn:
                 with self.metrics.claim_seconds.time():
                     rows: list[Claimed] = await self._cursor.claim(
-                        conn, limit=limit, now=now, claimer=self._claimer()
+                        conn, limit=limit, now=now, claimer=self._claimer(), clock=self._now()
                     )
                 return rows
 
