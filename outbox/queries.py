@@ -213,7 +213,7 @@ async def claim_due(
     params: dict[str, Any] = {
         "limit": limit,
         "now": now,
-        "clock": clock if clock is not None else now,
+        "clock": clock,
         "owner": claimer.owner,
         "lease": claimer.lease,
         "topics": list(claimer.topics),

@@ -57,7 +57,7 @@ async def test_claims_resume_after_a_full_batch_and_find_a_late_row_before_repor
     claimed: list[list[str]] = []
     for step in range(4):
         async with engine.begin() as conn:
-            rows = await cursor.claim(conn, limit=3, now=NOW, claimer=CLAIMER)
+            rows = await cursor.claim(conn, limit=3, now=NOW, claimer=CLAIMER, clock=NOW)
             claimed.append(tags(rows))
             await mark_sent(conn, rows)
             if step == 0:  # committed with this batch: behind the resume point it leaves
@@ -75,7 +75,7 @@ async def test_a_full_claim_is_made_every_rescan_interval_even_while_a_backlog_l
 
     async def claim() -> list[str]:
         async with engine.begin() as conn:
-            rows = await cursor.claim(conn, limit=3, now=NOW, claimer=CLAIMER)
+            rows = await cursor.claim(conn, limit=3, now=NOW, claimer=CLAIMER, clock=NOW)
             await mark_sent(conn, rows)
             return tags(rows)
 
@@ -95,14 +95,16 @@ async def test_a_claim_counts_the_attempt_and_holds_the_row_for_its_lease_only(
     and then only as an abandoned row (one at a time, by CLAIM_ABANDONED)."""
     await backlog(engine, 2)
     async with engine.begin() as conn:
-        first = await queries.claim_due(conn, limit=1, now=NOW, claimer=CLAIMER)
+        first = await queries.claim_due(conn, limit=1, now=NOW, claimer=CLAIMER, clock=NOW)
     assert tags(first) == ["b0"] and first[0].attempt == 1
     assert first[0].message.attempts == 0  # the handler still sees the failures before it
     other = ClaimOwner(uuid.uuid4(), 30.0, ["t"])
     async with engine.begin() as conn:
-        assert tags(await queries.claim_due(conn, limit=5, now=NOW, claimer=other)) == ["b1"]
+        assert tags(await queries.claim_due(conn, limit=5, now=NOW, claimer=other, clock=NOW)) == [
+            "b1"
+        ]
         later = NOW + timedelta(seconds=31)
-        assert await queries.claim_due(conn, limit=5, now=later, claimer=other) == []
+        assert await queries.claim_due(conn, limit=5, now=later, claimer=other, clock=later) == []
         taken = await queries.claim_abandoned(
             conn, now=later, claimer=other, max_attempts=5, held=[]
         )
