@@ -35,7 +35,9 @@ BATCH = 100
 SEND_TIMEOUT = 2.0
 
 
-async def drain_once(url: str, hang_every: int | None) -> tuple[float, int, int, float]:
+async def drain_once(
+    url: str, hang_every: int | None, handler_s: float = HANDLER_S
+) -> tuple[float, int, int, float]:
     """(seconds, sent, retried, slot utilisation) of one drain."""
     busy = 0.0
 
@@ -45,7 +47,7 @@ async def drain_once(url: str, hang_every: int | None) -> tuple[float, int, int,
         try:
             if hang_every and message.payload["n"] % hang_every == hang_every // 2:
                 await asyncio.sleep(3600)
-            await asyncio.sleep(HANDLER_S)
+            await asyncio.sleep(handler_s)
         finally:
             busy += time.perf_counter() - started
 
@@ -62,7 +64,7 @@ async def drain_once(url: str, hang_every: int | None) -> tuple[float, int, int,
     return took, result.sent, result.retried, busy / (took * CONCURRENCY)
 
 
-def fresh_database(admin_url: str) -> str:
+def fresh_database(admin_url: str, messages: int = MESSAGES) -> str:
     name = f"bench_stall_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(libpq_url(admin_url), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"'.encode())
@@ -73,7 +75,7 @@ def fresh_database(admin_url: str) -> str:
         conn.execute(
             "INSERT INTO outbox (topic, payload) SELECT 't', jsonb_build_object('n', g) "
             "FROM generate_series(1, %s) AS g",
-            (MESSAGES,),
+            (messages,),
         )
     return name
 
@@ -90,19 +92,26 @@ def main() -> None:
         default=os.environ.get("ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
     )
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--messages", type=int, default=MESSAGES)
+    parser.add_argument("--handler-ms", type=float, default=HANDLER_S * 1000)
+    parser.add_argument("--only-none", action="store_true", help="skip the cases with hung sends")
     args = parser.parse_args()
-    for label, every in (("none", None), ("1 per 400", 400), ("1 per 100", 100)):
+    cases = (("none", None), ("1 per 400", 400), ("1 per 100", 100))
+    for label, every in cases[:1] if args.only_none else cases:
         for _ in range(args.rounds):
-            name = fresh_database(args.admin_url)
+            name = fresh_database(args.admin_url, args.messages)
             try:
                 url = make_url(normalise_database_url(args.admin_url)).set(database=name)
                 took, sent, retried, used = asyncio.run(
-                    drain_once(url.render_as_string(hide_password=False), every)
+                    drain_once(
+                        url.render_as_string(hide_password=False), every, args.handler_ms / 1000
+                    )
                 )
             finally:
                 drop_database(args.admin_url, name)
             print(
-                f"concurrency {CONCURRENCY} x batch {BATCH}, hung={label:>9}: {took:6.2f} s, "
+                f"{args.messages} x {args.handler_ms:g} ms, concurrency {CONCURRENCY} x batch "
+                f"{BATCH}, hung={label:>9}: {took:6.2f} s ({args.messages / took:,.0f}/s), "
                 f"sent={sent} retried={retried}, slot utilisation {used:.0%}",
                 flush=True,
             )

@@ -245,7 +245,7 @@ class Relay:
         self._result = BatchResult()
         self._watchdog: SendWatchdog | None = None
         self._conns: dict[str, AsyncConnection] = {}  # kept between transactions, by role
-        self._prefetch = self.config.concurrency  # claimed rows that may wait for a worker
+        self._prefetch = self.config.batch_size  # claimed rows that may wait for a worker
 
     def _now(self) -> datetime | None:
         return self._clock() if self._clock is not None else None
@@ -315,6 +315,7 @@ class Relay:
         if not self._stopping.is_set():
             logger.info("stopping: no new claims", extra={"action": "stop_relay"})
         self._stopping.set()
+        self._slot_freed.set()
 
     @property
     def stopping(self) -> bool:
@@ -423,8 +424,10 @@ class Relay:
                 pass
 
     async def _slot_wait(self) -> None:
+        """Until a worker frees a slot (or ``stop()``, which sets the same event). One event,
+        not a race of several: this runs once per finished send on a busy relay."""
         self._slot_freed.clear()
-        await _first(self._slot_freed.wait(), self._stopping.wait(), self._wake.wait())
+        await self._slot_freed.wait()
 
     async def _slot_wait_forever(self) -> None:
         """Wakes an idle producer when abandoned rows were found (the rescuer sets the flag)."""

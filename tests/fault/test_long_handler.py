@@ -28,9 +28,13 @@ pytestmark = pytest.mark.fault
 HANDLER_S = 20.0
 ARGS = ("--import", "tests.fault.relay_handlers", "--poll-interval", "0.5")
 
-# Every session of the relay processes on this database, with how old its transaction is.
+# Every session of the relay processes on this database: its state, how old its transaction is,
+# and how long it has been in that state. A claim or settle of a few statements is "idle in
+# transaction" for a fraction of a millisecond between them; the lock-holding relay was idle in
+# its batch transaction for the whole handler.
 RELAY_SESSIONS = """
-    SELECT application_name, state, coalesce(extract(epoch FROM now() - xact_start), 0)
+    SELECT application_name, state, coalesce(extract(epoch FROM now() - xact_start), 0),
+           extract(epoch FROM now() - state_change)
     FROM pg_stat_activity
     WHERE application_name LIKE 'outbox-relay%%' AND datname = current_database()
 """
@@ -65,12 +69,14 @@ def test_a_long_handler_holds_no_transaction_and_vacuum_still_cleans(
     wait_until(lambda: read_ledger(ledger), 30, "the handler to start", alive=[relay])
     began = time.monotonic()
 
-    samples: list[tuple[str, str, float]] = []
+    samples: list[tuple[str, str, float, float]] = []
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            samples.extend((r[0], r[1], float(r[2])) for r in sql(db_url, RELAY_SESSIONS))
+            samples.extend(
+                (r[0], r[1], float(r[2]), float(r[3] or 0)) for r in sql(db_url, RELAY_SESSIONS)
+            )
             time.sleep(0.2)
 
     sampler = threading.Thread(target=sample)
@@ -99,7 +105,9 @@ def test_a_long_handler_holds_no_transaction_and_vacuum_still_cleans(
 
     runs = [e for e in read_ledger(ledger) if e[0] == "start"]
     oldest = max((s[2] for s in samples), default=0.0)
-    idle_in_tx = sorted({s[0] for s in samples if s[1] == "idle in transaction"})
+    idle_in_tx = sorted(
+        {f"{s[0]} {s[3]:.2f}s" for s in samples if s[1] == "idle in transaction" and s[3] > 0.5}
+    )
     attempts = scalar(db_url, "SELECT attempts FROM outbox WHERE id = %s", (job,))
     print(
         f"\n[long handler] {HANDLER_S:.0f}s handler: runs={len(runs)} attempts={attempts} "
