@@ -874,7 +874,7 @@ class Relay:
         self.metrics.db_reconnects.inc()
         state = sqlstate(exc)
         logger.warning(
-            "database unavailable (%s%s) to %s; retrying in %.1fs (try %d)",
+            "database unreachable or not writable (%s%s) to %s; retrying in %.1fs (try %d)",
             f"SQLSTATE {state}: " if state else "",
             describe(exc).splitlines()[0][:200],
             what,

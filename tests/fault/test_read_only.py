@@ -70,7 +70,7 @@ def test_a_read_only_database_spends_no_attempt_and_the_relay_resumes(
 
     attempts = scalar(db_url, "SELECT max(attempts) FROM outbox")
     log = relay.log()
-    lines = log.count("database unavailable")
+    lines = log.count("database unreachable")
     delivered.refresh()
     print(
         f"\n[read-only {READ_ONLY_S:.0f}s] settled_during={still - during} "
