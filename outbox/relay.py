@@ -246,6 +246,7 @@ class Relay:
         self._watchdog: SendWatchdog | None = None
         self._conns: dict[str, AsyncConnection] = {}  # kept between transactions, by role
         self._prefetch = self.config.batch_size  # claimed rows that may wait for a worker
+        self._background: list[asyncio.Task[None]] = []
 
     def _now(self) -> datetime | None:
         return self._clock() if self._clock is not None else None
@@ -341,7 +342,7 @@ class Relay:
         self._settled.set()
         self._abandoned_due = False
         self._watchdog = SendWatchdog(self.config.send_timeout)
-        background = [
+        background = self._background = [
             asyncio.create_task(self._keep_owner(), name="outbox-owner"),
             asyncio.create_task(self._complete(), name="outbox-completer"),
             asyncio.create_task(self._heartbeat(), name="outbox-heartbeat"),
@@ -391,8 +392,13 @@ class Relay:
         capacity = self.config.concurrency + self._prefetch
         threshold = max(1, min(self.config.batch_size, capacity) // 4)
         while not self._stopping.is_set():
+            self._check_background()
             if not self._owner_ready.is_set():
-                await _first(self._owner_ready.wait(), self._stopping.wait())
+                try:
+                    async with asyncio.timeout(1.0):
+                        await _first(self._owner_ready.wait(), self._stopping.wait())
+                except TimeoutError:
+                    pass
                 continue
             if self._abandoned_due and mode != "once":
                 await self._run_abandoned()
@@ -422,6 +428,12 @@ class Relay:
                     )
             except TimeoutError:
                 pass
+
+    def _check_background(self) -> None:
+        """A part that ended by itself ended on a bug: let it end the run, loudly."""
+        for task in self._background:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise RuntimeError(f"{task.get_name()} failed") from task.exception()
 
     async def _slot_wait(self) -> None:
         """Until a worker frees a slot (or ``stop()``, which sets the same event). One event,
@@ -720,8 +732,9 @@ class Relay:
                     )
             except Exception as exc:
                 if not is_infrastructure_error(exc):
-                    raise
-                self._log_database("renew leases", exc, 1, RESCUE_EVERY_S)
+                    logger.error("renewing leases failed: %s", describe(exc), exc_info=exc)
+                    continue
+                self._log_database("renew leases", exc, 1, self.config.heartbeat_every)
 
     async def _keep_owner(self) -> None:
         """Hold an owner lock (a new owner id per session), and rescue once a second."""
