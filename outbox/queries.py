@@ -257,13 +257,15 @@ async def claim_abandoned(
 # off past its lease, and another relay claimed them) therefore cannot record an outcome for them:
 # its UPDATE matches zero rows, and RETURNING tells the caller which outcomes were refused.
 # ``attempts`` is not touched: the claim counted the attempt. ``claimed_by`` is cleared, which
-# also takes the row out of ix_outbox_claimed.
+# also takes the row out of ix_outbox_claimed. A row with ``claimed_by`` set is never sent or dead
+# (every settle clears it), so the fence needs no "unsettled" test; leaving it out keeps these
+# statements off ix_outbox_claimed: with it, a prepared (generic) plan scanned that index once
+# per outcome, and a settle of 4,000 outcomes took 5 s instead of 30 ms (measured).
 #
 # RELEASE_MANY hands back claims that never started (a stop): the attempt is given back and the
 # row returns to its old place in the due order, due at once.
 _FENCE = """
     WHERE o.id = u.id AND o.claimed_by = u.owner AND o.attempts = u.attempt
-      AND o.sent_at IS NULL AND o.dead_at IS NULL
     RETURNING o.id
 """
 MARK_SENT_MANY = text(
@@ -352,7 +354,6 @@ HEARTBEAT = text(
         JOIN unnest(CAST(:ids AS bigint[]), CAST(:owners AS uuid[]), CAST(:attempts AS int[]))
              AS u(id, owner, attempt)
           ON o.id = u.id AND o.claimed_by = u.owner AND o.attempts = u.attempt
-        WHERE o.sent_at IS NULL AND o.dead_at IS NULL
         FOR UPDATE OF o SKIP LOCKED
     )
     UPDATE outbox AS o

@@ -67,11 +67,14 @@ Index(
     outbox_table.c.id,
     postgresql_where=text("sent_at IS NULL AND dead_at IS NULL"),
 )
-# Claimed and unsettled: only the rows in flight (a few per relay), for the heartbeat, the rescue
-# of a dead relay's rows and the claim of abandoned rows, whatever the backlog behind them.
+# Claimed and unsettled: only the rows in flight (a few per relay), for the rescue of a dead
+# relay's rows and the claim of abandoned rows, whatever the backlog behind them. Keyed by id,
+# not by claimed_by: keyed by owner, the fenced settles (``o.id = u.id AND o.claimed_by =
+# u.owner``) were planned as a nested loop over "every row of this owner" per outcome, which
+# made a settle of 9,000 outcomes take 16 s (measured); by id, every plan is a lookup by id.
 Index(
     "ix_outbox_claimed",
-    outbox_table.c.claimed_by,
+    outbox_table.c.id,
     postgresql_where=text("claimed_by IS NOT NULL AND sent_at IS NULL AND dead_at IS NULL"),
 )
 # Purge and `outbox status` look sent rows up by age.

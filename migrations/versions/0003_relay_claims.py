@@ -24,7 +24,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_outbox_claimed",
         "outbox",
-        ["claimed_by"],
+        ["id"],
         postgresql_where=sa.text("claimed_by IS NOT NULL AND sent_at IS NULL AND dead_at IS NULL"),
     )
 
