@@ -129,9 +129,9 @@ CLAIM_DUE_AFTER = text(
 )
 
 # --- CLAIM_ABANDONED --------------------------------------------------------------------------
-# One row whose previous claim was never settled because its owner died (RESCUE_ABANDONED made it
-# due at once, keeping ``claimed_by``; or the lease of a dead owner simply ran out). Such a row
-# may be the one that killed its relay, so it is claimed alone and the relay runs it with nothing
+# One suspect row: in flight in two relays that died (RESCUE_ABANDONED made it due at once,
+# keeping ``claimed_by``), or whose dead owner's lease simply ran out. Such a row may be the one
+# that kills relays, so it is claimed alone and the relay runs it with nothing
 # else in flight: if it kills this relay too, it takes no batch-mate with it (see
 # ``Relay._run_abandoned``). ix_outbox_claimed holds only the rows in flight, so this costs the
 # same whatever the backlog. ``:held`` are the
@@ -405,9 +405,13 @@ OWNERS_IN_FLIGHT = text(
 )
 # Two kinds of abandoned rows, for the rows this relay does not hold itself:
 # - the owner is dead (in :dead, its lock was free): the row is due at once, with the reason in
-#   last_error, and keeps ``claimed_by`` as the mark "abandoned by a dead relay": it may be what
-#   killed that relay, so it is claimed alone (CLAIM_ABANDONED). Written once per row (the
-#   condition on last_error), not on every tick.
+#   last_error. The first time, it is released like any other row: most rows of a dead relay are
+#   innocent (it was killed, or another message killed it), and running each of them alone would
+#   take a dead relay's hundred claimed rows one by one. A row whose last_error already says its
+#   relay died (it was in flight in two relays that died) keeps ``claimed_by`` as the mark
+#   "suspect": it may be what kills relays, so it is claimed alone (CLAIM_ABANDONED) and a third
+#   crash costs no batch-mate a duplicate. Written once per rescue (the condition on
+#   available_at / last_error), not on every tick.
 # - the owner is alive but its lease ran out (frozen, cut off, or a claim whose commit it never
 #   saw): the claim is released (``claimed_by`` cleared, the attempt stays spent), and the row is
 #   claimed like any other, at the place its lease gave it in the due order.
@@ -425,18 +429,19 @@ RESCUE_ABANDONED = text(
         FROM outbox
         WHERE claimed_by IS NOT NULL AND sent_at IS NULL AND dead_at IS NULL
           AND NOT id = ANY(CAST(:held AS bigint[]))
-          AND ((claimed_by = ANY(CAST(:dead AS uuid[]))
-                AND (available_at > (SELECT now FROM clock)
-                     OR last_error IS DISTINCT FROM :relay_died
-                     OR attempts >= :max_attempts))
-               OR available_at <= (SELECT now FROM clock))
+          AND CASE WHEN claimed_by = ANY(CAST(:dead AS uuid[]))
+                   THEN available_at > (SELECT now FROM clock)
+                        OR last_error IS DISTINCT FROM :relay_died
+                        OR attempts >= :max_attempts
+                   ELSE available_at <= (SELECT now FROM clock) END
         FOR UPDATE SKIP LOCKED
     )
     UPDATE outbox AS o
     SET available_at = least(o.available_at, (SELECT now FROM clock)),
         last_error = CASE WHEN a.died THEN :relay_died ELSE :lease_expired END,
         dead_at = CASE WHEN a.spent THEN (SELECT now FROM clock) END,
-        claimed_by = CASE WHEN a.died AND NOT a.spent THEN o.claimed_by END
+        claimed_by = CASE WHEN a.died AND NOT a.spent AND o.last_error = :relay_died
+                          THEN o.claimed_by END
     FROM abandoned AS a
     WHERE o.id = a.id
     RETURNING o.id, o.dead_at IS NOT NULL

@@ -14,10 +14,11 @@ Three parts share one process, River-style:
 Beside them, a **heartbeat** extends the lease of the rows in flight every ``lease / 3`` seconds
 (one UPDATE), and a **rescuer** probes once a second whether the owners of other rows in flight
 still hold their advisory lock (``outbox.ownership``): a dead relay's rows are due again within
-about a second, a frozen one's when their lease runs out (``lease``, 30 s by default). A row so
-abandoned is claimed and run alone, with nothing else in flight, so a message that kills relays
-takes no batch-mate down with it again; after ``max_attempts`` claims it is dead with "relay died
-while handling it". No transaction is open while a handler runs.
+about a second, a frozen one's when their lease runs out (``lease``, 30 s by default). A row that
+was in flight in two relays that died is claimed and run alone, with nothing else in flight, so a
+message that kills relays takes no batch-mate down with it a third time; after ``max_attempts``
+claims it is dead with "relay died while handling it". No transaction is open while a handler
+runs.
 
 Database errors that are the infrastructure's (``outbox.dberrors``: connection lost, read-only,
 admin shutdown, serialization, disk full) spend no attempt and never end the relay: the short
@@ -268,8 +269,7 @@ class Relay:
         "Now" is fixed when the drain starts, so a message that fails and is rescheduled is not
         picked up again by the same drain.
         """
-        due_before = self._now() or await self._retrying("read the clock", self._database_now)
-        return await self._serve(due_before, "drain")
+        return await self._serve(None, "drain")  # "now" is read after the first rescue
 
     async def run(self) -> None:
         """Deliver until ``stop()``: claim while workers are free, else wait for NOTIFY or a poll.
@@ -393,6 +393,11 @@ class Relay:
         threshold = max(1, min(self.config.batch_size, capacity) // 4)
         while not self._stopping.is_set():
             self._check_background()
+            if mode == "drain" and due_before is None and self._owner_ready.is_set():
+                # After the first rescue, so rows it made due (a dead relay's) are in the drain.
+                due_before = self._now() or await self._retrying(
+                    "read the clock", self._database_now
+                )
             if not self._owner_ready.is_set():
                 try:
                     async with asyncio.timeout(1.0):
@@ -472,10 +477,12 @@ class Relay:
         return claimed
 
     async def _run_abandoned(self) -> None:
-        """Run abandoned rows one at a time, each with nothing else in flight in this relay.
+        """Run suspect rows one at a time, each with nothing else in flight in this relay.
 
-        Such a row may be the one that killed its relay; run alone, a second crash costs no
-        other message a duplicate, and it is dead after ``max_attempts`` crashes.
+        A suspect was in flight in two relays that died (see RESCUE_ABANDONED): it may be what
+        kills relays. Run alone, another crash costs no other message a duplicate, and it is
+        dead after ``max_attempts`` crashes. The wait for the sends in flight to finish is at
+        most ``send_timeout``.
         """
         while self._active and not self._stopping.is_set():
             await self._slot_wait()
@@ -599,7 +606,7 @@ class Relay:
         first. Each group is one short transaction of fenced UPDATEs."""
         while True:
             await self._done_ready.wait()
-            if len(self._done) < self.config.concurrency and self._active:
+            if len(self._done) < self.config.batch_size and self._active:
                 await asyncio.sleep(SETTLE_AFTER_S)
             self._done_ready.clear()
             group, self._done = self._done, []

@@ -384,7 +384,7 @@ async def test_a_batch_cancelled_mid_send_is_rescued_at_once_by_the_next_relay(
 ) -> None:
     """A shutdown's cancellation is not taken for a send timeout (see also test_watchdog): the
     row stays claimed, its attempt counted, and once the relay's owner lock is gone another relay
-    takes it over at its first rescue, alone, with the reason on the row."""
+    takes it over at its first rescue, with the reason on the row."""
     registry = HandlerRegistry()
     calls: list[int] = []
 
