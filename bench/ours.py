@@ -102,7 +102,7 @@ def _sql_worker(url: str, batch: int, go: Any) -> None:
     """Claim and settle as the relay does, resume point included (see ``outbox.claim``): the
     claim commits on its own (attempt, owner, lease), then a fenced settle commits."""
     owner = uuid.uuid4()
-    claimer = {"owner": owner, "lease": 30.0, "topics": ["noop"], "clock": None}
+    claimer = {"owner": owner, "lease": 30.0, "topics": ["noop"], "clock": None, "budget": 2**62}
     with connect(url, autocommit=True) as conn:
         conn.execute("SELECT 1")
         go.wait()

@@ -56,17 +56,20 @@ class ClaimCursor:
         now: datetime | None,
         claimer: ClaimOwner,
         clock: datetime | None = None,
+        budget: int = 2**62,
     ) -> list[Claimed]:
         """Claim up to ``limit`` due rows (see the module's docstring for where from)."""
         after = self.position
         if after is not None:
             rows = await queries.claim_due(
-                conn, limit=limit, now=now, claimer=claimer, after=after, clock=clock
+                conn, limit=limit, now=now, claimer=claimer, after=after, clock=clock, budget=budget
             )
             if rows:
                 self._position = rows[-1].position if len(rows) == limit else None
                 return rows
-        rows = await queries.claim_due(conn, limit=limit, now=now, claimer=claimer, clock=clock)
+        rows = await queries.claim_due(
+            conn, limit=limit, now=now, claimer=claimer, clock=clock, budget=budget
+        )
         self._position = rows[-1].position if len(rows) == limit else None
         self._rescan_at = self._clock() + self._rescan_every
         return rows

@@ -24,6 +24,7 @@ from outbox.relay import (
     DEFAULT_CONCURRENCY,
     DEFAULT_LEASE,
     DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_BYTES_IN_FLIGHT,
     DEFAULT_POLL_INTERVAL,
     DEFAULT_SEND_TIMEOUT,
     DEFAULT_STOP_GRACE,
@@ -88,6 +89,12 @@ def _build_parser() -> argparse.ArgumentParser:
     relay.add_argument("--backoff-base", type=float, default=DEFAULT_BACKOFF_BASE)
     relay.add_argument("--backoff-cap", type=float, default=DEFAULT_BACKOFF_CAP)
     relay.add_argument("--stop-grace", type=float, default=DEFAULT_STOP_GRACE)
+    relay.add_argument(
+        "--max-bytes-in-flight",
+        type=_positive_int,
+        default=DEFAULT_MAX_BYTES_IN_FLIGHT,
+        help="payload bytes claimed and not yet handled, at most (plus one message)",
+    )
     relay.add_argument(
         "--lease",
         type=float,
@@ -230,6 +237,7 @@ def _cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
         backoff_cap=args.backoff_cap,
         stop_grace=args.stop_grace,
         lease=args.lease,
+        max_bytes_in_flight=args.max_bytes_in_flight,
     )
     settings.require("database_url", "smtp_url")
     sys.path.insert(0, ".")

@@ -98,11 +98,18 @@ SELECT_NOW = text("SELECT statement_timestamp()")
 # ``:now`` is the due cutoff (a drain fixes it at its start); ``:clock`` is the time the lease runs
 # from (``None``: the database's clock), so a long drain's leases are not already over.
 #
+# ``:budget`` bounds the payload bytes a claim takes (their stored size, ``pg_column_size``): rows
+# are taken in order while the bytes before them stay under the budget, so a claim takes at least
+# one row and at most budget + one row's bytes. The relay passes what is left of its
+# ``max_bytes_in_flight``, so its memory follows bytes in flight, not rows: a batch of a hundred
+# 10 MB messages no longer lands in one process at once. Candidates past the budget were locked
+# for this short transaction only and stay due.
+#
 # RETURNING gives the row as a handler sees it plus its *old* available_at (the claim's position
 # in the index, for the resume point, and where a released row goes back to).
 _CLAIM = """
-    WITH picked AS (
-        SELECT id, available_at FROM outbox
+    WITH candidates AS (
+        SELECT id, available_at, pg_column_size(payload) AS size FROM outbox
         WHERE sent_at IS NULL AND dead_at IS NULL
           AND available_at <= coalesce(CAST(:now AS timestamptz), statement_timestamp())
           {after}
@@ -111,6 +118,14 @@ _CLAIM = """
         ORDER BY available_at, id
         LIMIT :limit
         FOR UPDATE SKIP LOCKED
+    ),
+    picked AS (
+        SELECT id, available_at, size FROM (
+            SELECT id, available_at, size,
+                   sum(size) OVER (ORDER BY available_at, id) - size AS before
+            FROM candidates
+        ) AS c
+        WHERE before < :budget
     )
     UPDATE outbox AS o
     SET attempts = o.attempts + 1,
@@ -119,7 +134,8 @@ _CLAIM = """
                        + make_interval(secs => CAST(:lease AS float8))
     FROM picked
     WHERE o.id = picked.id
-    RETURNING o.id, o.message_id, o.topic, o.payload, o.attempts, o.created_at, picked.available_at
+    RETURNING o.id, o.message_id, o.topic, o.payload, o.attempts, o.created_at, picked.available_at,
+              picked.size
 """
 CLAIM_DUE = text(_CLAIM.format(after=""))
 CLAIM_DUE_AFTER = text(
@@ -139,7 +155,7 @@ CLAIM_DUE_AFTER = text(
 CLAIM_ABANDONED = text(
     """
     WITH picked AS (
-        SELECT id, available_at FROM outbox
+        SELECT id, available_at, pg_column_size(payload) AS size FROM outbox
         WHERE claimed_by IS NOT NULL AND sent_at IS NULL AND dead_at IS NULL
           AND available_at <= coalesce(CAST(:now AS timestamptz), statement_timestamp())
           AND topic = ANY(CAST(:topics AS text[]))
@@ -156,7 +172,8 @@ CLAIM_ABANDONED = text(
                        + make_interval(secs => CAST(:lease AS float8))
     FROM picked
     WHERE o.id = picked.id
-    RETURNING o.id, o.message_id, o.topic, o.payload, o.attempts, o.created_at, picked.available_at
+    RETURNING o.id, o.message_id, o.topic, o.payload, o.attempts, o.created_at, picked.available_at,
+              picked.size
     """
 )
 
@@ -176,6 +193,7 @@ class Claimed:
     message: OutboxMessage
     attempt: int
     position: ClaimPosition
+    size: int = 0  # the payload's stored bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +209,10 @@ def _claimed(rows: Sequence[Any]) -> list[Claimed]:
     # The handler sees ``attempts`` as the failures before this attempt (its old meaning).
     claimed = [
         Claimed(
-            OutboxMessage(r[0], r[1], r[2], r[3], r[4] - 1, r[5]), r[4], ClaimPosition(r[6], r[0])
+            OutboxMessage(r[0], r[1], r[2], r[3], r[4] - 1, r[5]),
+            r[4],
+            ClaimPosition(r[6], r[0]),
+            int(r[7]),
         )
         for r in rows
     ]
@@ -207,6 +228,7 @@ async def claim_due(
     claimer: ClaimOwner,
     after: ClaimPosition | None = None,
     clock: datetime | None = None,
+    budget: int = 2**62,
 ) -> list[Claimed]:
     """Claim up to ``limit`` rows due at ``now`` for ``claimer``, in index order, leased from
     ``clock``. The caller commits."""
@@ -214,6 +236,7 @@ async def claim_due(
         "limit": limit,
         "now": now,
         "clock": clock,
+        "budget": budget,
         "owner": claimer.owner,
         "lease": claimer.lease,
         "topics": list(claimer.topics),

@@ -68,6 +68,7 @@ DEFAULT_BACKOFF_BASE = 2.0
 DEFAULT_BACKOFF_CAP = 3600.0
 DEFAULT_STOP_GRACE = 5.0
 DEFAULT_LEASE = 30.0
+DEFAULT_MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
 
 # How often a relay looks for the rows of dead relays: the crash take-over bound is about this.
 RESCUE_EVERY_S = 1.0
@@ -88,6 +89,9 @@ class RelayConfig:
     backoff_cap: float = DEFAULT_BACKOFF_CAP
     stop_grace: float = DEFAULT_STOP_GRACE
     lease: float = DEFAULT_LEASE
+    # Payload bytes (stored size) claimed and not yet through a handler; a claim may pass it by
+    # one message. Memory then follows bytes in flight, not rows.
+    max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT
 
     def __post_init__(self) -> None:
         checks = [
@@ -103,6 +107,7 @@ class RelayConfig:
             ),
             (self.stop_grace >= 0, "stop_grace (--stop-grace) must not be negative"),
             (self.lease >= 3, "lease (--lease) must be at least 3 seconds"),
+            (self.max_bytes_in_flight >= 1, "max_bytes_in_flight must be positive"),
         ]
         for ok, message in checks:
             if not ok:
@@ -237,6 +242,7 @@ class Relay:
         self._owner_ready = asyncio.Event()
         self._held: dict[int, _Job] = {}  # claimed and not yet settled, by row id
         self._active = 0  # claimed and not yet through a worker
+        self._bytes = 0  # payload bytes of those
         self._slot_freed = asyncio.Event()
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._done: list[_Done] = []
@@ -338,6 +344,7 @@ class Relay:
         """Owner lock, workers, completer, heartbeat and rescuer, for the length of a run."""
         self._held.clear()
         self._active = 0
+        self._bytes = 0
         self._done.clear()
         self._settled.set()
         self._abandoned_due = False
@@ -415,6 +422,9 @@ class Relay:
             elif free <= 0 or (self._active and free < threshold):
                 await self._slot_wait()
                 continue
+            elif self._active and self._bytes >= self.config.max_bytes_in_flight:
+                await self._slot_wait()
+                continue
             self._wake.clear()  # a NOTIFY during this claim makes us look again at once
             claimed = await self._claim(min(self.config.batch_size, free), due_before)
             if claimed:
@@ -461,6 +471,7 @@ class Relay:
             job = _Job(c, self._owner, alone)
             self._held[c.message.id] = job
             self._active += 1
+            self._bytes += c.size
             self._queue.put_nowait(job)
 
     async def _claim(self, limit: int, due_before: datetime | None) -> list[Claimed]:
@@ -470,7 +481,12 @@ class Relay:
             async with self._transaction("claim") as conn:
                 with self.metrics.claim_seconds.time():
                     rows: list[Claimed] = await self._cursor.claim(
-                        conn, limit=limit, now=now, claimer=self._claimer(), clock=self._now()
+                        conn,
+                        limit=limit,
+                        now=now,
+                        claimer=self._claimer(),
+                        clock=self._now(),
+                        budget=max(1, self.config.max_bytes_in_flight - self._bytes),
                     )
                 return rows
 
@@ -531,6 +547,7 @@ class Relay:
                     self._finish(await self._attempt(job, task))
             finally:
                 self._active -= 1
+                self._bytes -= job.claimed.size
                 self._slot_freed.set()
 
     async def _attempt(self, job: _Job, task: asyncio.Task[Any]) -> _Done:

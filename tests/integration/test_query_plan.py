@@ -8,7 +8,13 @@ from sqlalchemy import create_engine, text
 
 from outbox import queries
 
-OWNER = {"owner": uuid.uuid4(), "lease": 30.0, "topics": ["email"], "clock": None}
+OWNER = {
+    "owner": uuid.uuid4(),
+    "lease": 30.0,
+    "topics": ["email"],
+    "clock": None,
+    "budget": 2**62,
+}
 
 
 def test_query_plan_claim_uses_partial_due_index(db_url: str) -> None:

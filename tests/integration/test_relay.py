@@ -418,3 +418,41 @@ async def test_a_batch_cancelled_mid_send_is_rescued_at_once_by_the_next_relay(
     assert stored["attempts"] == 2 and stored["sent_at"] is not None
     assert stored["claimed_by"] is None
     assert stored["last_error"] == "relay died while handling it"
+
+
+async def test_bytes_in_flight_are_bounded_not_rows(engine: AsyncEngine) -> None:
+    """A relay holds at most ``max_bytes_in_flight`` payload bytes (plus one message) claimed
+    and not yet handled, whatever its concurrency and batch size: memory follows bytes, not rows
+    (a batch of a hundred 10 MB messages used to land in one process at once)."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO outbox (topic, payload) SELECT 'big', jsonb_build_object('blob', "
+                "(SELECT string_agg(md5(g::text || random()::text), '') "
+                " FROM generate_series(1, 4000) AS g)) FROM generate_series(1, 12)"
+            )
+        )
+        size = int(
+            (await conn.execute(text("SELECT max(pg_column_size(payload)) FROM outbox"))).scalar()
+            or 0
+        )
+    in_flight = 0
+    most = 0
+
+    async def big(message: object) -> None:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.05)
+        in_flight -= 1
+
+    registry = HandlerRegistry()
+    registry.register("big", big)
+    config = RelayConfig(batch_size=100, concurrency=16, max_bytes_in_flight=int(size * 2.5))
+    relay = Relay(engine, registry, config)
+
+    result = await relay.drain()
+
+    assert size > 50_000  # md5 text does not compress much: the bound is about real bytes
+    assert result.sent == 12
+    assert most == 3  # 2.5 messages' bytes: two under the budget, and the one that crosses it
