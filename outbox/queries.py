@@ -107,12 +107,12 @@ SELECT_NOW = text("SELECT statement_timestamp()")
 #
 # RETURNING gives the row as a handler sees it plus its *old* available_at (the claim's position
 # in the index, for the resume point, and where a released row goes back to).
-_CLAIM = """
+CLAIM_DUE = text(
+    """
     WITH candidates AS (
         SELECT id, available_at, pg_column_size(payload) AS size FROM outbox
         WHERE sent_at IS NULL AND dead_at IS NULL
           AND available_at <= coalesce(CAST(:now AS timestamptz), statement_timestamp())
-          {after}
           AND claimed_by IS NULL
           AND topic = ANY(CAST(:topics AS text[]))
         ORDER BY available_at, id
@@ -134,14 +134,42 @@ _CLAIM = """
                        + make_interval(secs => CAST(:lease AS float8))
     FROM picked
     WHERE o.id = picked.id
-    RETURNING o.id, o.message_id, o.topic, o.payload, o.attempts, o.created_at, picked.available_at,
-              picked.size
-"""
-CLAIM_DUE = text(_CLAIM.format(after=""))
+    RETURNING o.id, o.message_id, o.topic, o.payload, o.attempts, o.created_at,
+              picked.available_at, picked.size
+    """
+)
+# The same, from the resume point.
 CLAIM_DUE_AFTER = text(
-    _CLAIM.format(
-        after="AND (available_at, id) > (CAST(:after_at AS timestamptz), CAST(:after_id AS bigint))"
+    """
+    WITH candidates AS (
+        SELECT id, available_at, pg_column_size(payload) AS size FROM outbox
+        WHERE sent_at IS NULL AND dead_at IS NULL
+          AND available_at <= coalesce(CAST(:now AS timestamptz), statement_timestamp())
+          AND (available_at, id) > (CAST(:after_at AS timestamptz), CAST(:after_id AS bigint))
+          AND claimed_by IS NULL
+          AND topic = ANY(CAST(:topics AS text[]))
+        ORDER BY available_at, id
+        LIMIT :limit
+        FOR UPDATE SKIP LOCKED
+    ),
+    picked AS (
+        SELECT id, available_at, size FROM (
+            SELECT id, available_at, size,
+                   sum(size) OVER (ORDER BY available_at, id) - size AS before
+            FROM candidates
+        ) AS c
+        WHERE before < :budget
     )
+    UPDATE outbox AS o
+    SET attempts = o.attempts + 1,
+        claimed_by = CAST(:owner AS uuid),
+        available_at = coalesce(CAST(:clock AS timestamptz), statement_timestamp())
+                       + make_interval(secs => CAST(:lease AS float8))
+    FROM picked
+    WHERE o.id = picked.id
+    RETURNING o.id, o.message_id, o.topic, o.payload, o.attempts, o.created_at,
+              picked.available_at, picked.size
+    """
 )
 
 # --- CLAIM_ABANDONED --------------------------------------------------------------------------
@@ -287,10 +315,7 @@ async def claim_abandoned(
 #
 # RELEASE_MANY hands back claims that never started (a stop): the attempt is given back and the
 # row returns to its old place in the due order, due at once.
-_FENCE = """
-    WHERE o.id = u.id AND o.claimed_by = u.owner AND o.attempts = u.attempt
-    RETURNING o.id
-"""
+
 MARK_SENT_MANY = text(
     """
     UPDATE outbox AS o
@@ -299,8 +324,9 @@ MARK_SENT_MANY = text(
         claimed_by = NULL
     FROM unnest(CAST(:ids AS bigint[]), CAST(:owners AS uuid[]), CAST(:attempts AS int[]),
                 CAST(:results AS text[])) AS u(id, owner, attempt, result)
+    WHERE o.id = u.id AND o.claimed_by = u.owner AND o.attempts = u.attempt
+    RETURNING o.id
     """
-    + _FENCE
 )
 MARK_RETRY_MANY = text(
     """
@@ -312,8 +338,9 @@ MARK_RETRY_MANY = text(
     FROM unnest(CAST(:ids AS bigint[]), CAST(:owners AS uuid[]), CAST(:attempts AS int[]),
                 CAST(:delays AS float8[]), CAST(:errors AS text[]))
          AS u(id, owner, attempt, delay, error)
+    WHERE o.id = u.id AND o.claimed_by = u.owner AND o.attempts = u.attempt
+    RETURNING o.id
     """
-    + _FENCE
 )
 MARK_DEAD_MANY = text(
     """
@@ -323,8 +350,9 @@ MARK_DEAD_MANY = text(
         claimed_by = NULL
     FROM unnest(CAST(:ids AS bigint[]), CAST(:owners AS uuid[]), CAST(:attempts AS int[]),
                 CAST(:errors AS text[])) AS u(id, owner, attempt, error)
+    WHERE o.id = u.id AND o.claimed_by = u.owner AND o.attempts = u.attempt
+    RETURNING o.id
     """
-    + _FENCE
 )
 RELEASE_MANY = text(
     """
@@ -334,8 +362,9 @@ RELEASE_MANY = text(
         claimed_by = NULL
     FROM unnest(CAST(:ids AS bigint[]), CAST(:owners AS uuid[]), CAST(:attempts AS int[]),
                 CAST(:available_ats AS timestamptz[])) AS u(id, owner, attempt, available_at)
+    WHERE o.id = u.id AND o.claimed_by = u.owner AND o.attempts = u.attempt
+    RETURNING o.id
     """
-    + _FENCE
 )
 
 
