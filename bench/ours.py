@@ -111,10 +111,12 @@ def item2_smtp(b: Bench, sink: Sink) -> dict[str, Any]:
 
 
 def _sql_worker(url: str, batch: int, go: Event) -> None:
-    """Claim and settle as the relay does, resume point included (see ``outbox.claim``)."""
-    with connect(url) as conn:
+    """Claim and settle as the relay does, resume point included (see ``outbox.claim``): the
+    claim commits on its own (attempt, owner, lease), then a fenced settle commits."""
+    owner = uuid.uuid4()
+    claimer = {"owner": owner, "lease": 30.0, "topics": ["noop"], "clock": None, "budget": 2**62}
+    with connect(url, autocommit=True) as conn:
         conn.execute("SELECT 1")
-        conn.commit()
         go.wait()
         after: tuple[datetime, int] | None = None  # (available_at, id) of the last full batch
         rescan_at = 0.0
@@ -122,27 +124,32 @@ def _sql_worker(url: str, batch: int, go: Event) -> None:
             rows = []
             if after is not None and time.monotonic() < rescan_at:
                 params = {"limit": batch, "now": None, "after_at": after[0], "after_id": after[1]}
-                rows = conn.execute(CLAIM_AFTER_SQL, params, prepare=True).fetchall()
+                rows = conn.execute(CLAIM_AFTER_SQL, params | claimer, prepare=True).fetchall()
             if not rows:
-                rows = conn.execute(
-                    CLAIM_SQL, {"limit": batch, "now": None}, prepare=True
-                ).fetchall()
+                params = {"limit": batch, "now": None}
+                rows = conn.execute(CLAIM_SQL, params | claimer, prepare=True).fetchall()
                 rescan_at = time.monotonic() + RESCAN_EVERY_S
             if not rows:
-                conn.rollback()
                 return
+            rows.sort(key=lambda r: (r[6], r[0]))
             after = (rows[-1][6], rows[-1][0]) if len(rows) == batch else None
             ids = [r[0] for r in rows]
             conn.execute(
                 MARK_SENT_SQL,
-                {"ids": ids, "results": [None] * len(ids), "now": None},
+                {
+                    "ids": ids,
+                    "owners": [owner] * len(ids),
+                    "attempts": [r[4] for r in rows],
+                    "results": [None] * len(ids),
+                    "now": None,
+                },
                 prepare=True,
             )
-            conn.commit()
 
 
 def sql_ceiling(url: str, n: int, *, procs: int, batch: int) -> float:
-    """The bare SQL loop: same CLAIM_DUE and MARK_SENT_MANY, psycopg, no relay code."""
+    """The bare SQL loop: same CLAIM_DUE and MARK_SENT_MANY, psycopg, no relay code (two short
+    transactions per batch, as the relay does)."""
     truncate_outbox(url)
     fill_outbox(url, n, topic="noop", email=False)
     ctx = multiprocessing.get_context("spawn")

@@ -71,7 +71,7 @@ def run_migrations_online() -> None:
     except OSError as exc:
         raise SystemExit(f"alembic: cannot reach the database: {_one_line(exc)}") from None
     except Exception as exc:
-        from outbox.db import is_connection_error
+        from outbox.dberrors import is_connection_error
 
         if is_connection_error(exc):
             raise SystemExit(f"alembic: cannot reach the database: {_one_line(exc)}") from None

@@ -25,8 +25,7 @@ from datetime import datetime
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from outbox import queries
-from outbox.message import OutboxMessage
-from outbox.queries import ClaimPosition
+from outbox.queries import Claimed, ClaimOwner, ClaimPosition
 
 RESCAN_EVERY_S = 1.0
 
@@ -50,16 +49,27 @@ class ClaimCursor:
         return None
 
     async def claim(
-        self, conn: AsyncConnection, *, limit: int, now: datetime | None
-    ) -> list[OutboxMessage]:
+        self,
+        conn: AsyncConnection,
+        *,
+        limit: int,
+        now: datetime | None,
+        claimer: ClaimOwner,
+        clock: datetime | None = None,
+        budget: int = 2**62,
+    ) -> list[Claimed]:
         """Claim up to ``limit`` due rows (see the module's docstring for where from)."""
         after = self.position
         if after is not None:
-            rows, last = await queries.claim_due(conn, limit=limit, now=now, after=after)
+            rows = await queries.claim_due(
+                conn, limit=limit, now=now, claimer=claimer, after=after, clock=clock, budget=budget
+            )
             if rows:
-                self._position = last if len(rows) == limit else None
+                self._position = rows[-1].position if len(rows) == limit else None
                 return rows
-        rows, last = await queries.claim_due(conn, limit=limit, now=now)
-        self._position = last if len(rows) == limit else None
+        rows = await queries.claim_due(
+            conn, limit=limit, now=now, claimer=claimer, clock=clock, budget=budget
+        )
+        self._position = rows[-1].position if len(rows) == limit else None
         self._rescan_at = self._clock() + self._rescan_every
         return rows

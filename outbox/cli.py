@@ -29,7 +29,9 @@ from outbox.relay import (
     DEFAULT_BACKOFF_CAP,
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONCURRENCY,
+    DEFAULT_LEASE,
     DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_BYTES_IN_FLIGHT,
     DEFAULT_POLL_INTERVAL,
     DEFAULT_SEND_TIMEOUT,
     DEFAULT_STOP_GRACE,
@@ -121,6 +123,18 @@ def _build_parser(app_commands: dict[str, AppCommand]) -> argparse.ArgumentParse
     relay.add_argument("--backoff-base", type=float, default=DEFAULT_BACKOFF_BASE)
     relay.add_argument("--backoff-cap", type=float, default=DEFAULT_BACKOFF_CAP)
     relay.add_argument("--stop-grace", type=float, default=DEFAULT_STOP_GRACE)
+    relay.add_argument(
+        "--max-bytes-in-flight",
+        type=_positive_int,
+        default=DEFAULT_MAX_BYTES_IN_FLIGHT,
+        help="payload bytes claimed and not yet handled, at most (plus one message)",
+    )
+    relay.add_argument(
+        "--lease",
+        type=float,
+        default=DEFAULT_LEASE,
+        help="seconds a claim lasts unrenewed: a frozen or cut-off relay's messages wait this long",
+    )
     relay.add_argument("--once", action="store_true", help="deliver everything due now, exit 0")
     relay.add_argument(
         "--import",
@@ -319,6 +333,8 @@ def _cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
         backoff_base=args.backoff_base,
         backoff_cap=args.backoff_cap,
         stop_grace=args.stop_grace,
+        lease=args.lease,
+        max_bytes_in_flight=args.max_bytes_in_flight,
     )
     settings.require("database_url")
     sys.path.insert(0, ".")
@@ -385,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _is_database_unreachable(exc: BaseException) -> bool:
-    from outbox.db import is_connection_error
+    from outbox.dberrors import is_connection_error
 
     return is_connection_error(exc)
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import psycopg
-import sqlalchemy.exc
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -93,17 +91,3 @@ def _set_local_on_begin(engine: AsyncEngine, settings: dict[str, str]) -> None:
 def engine_libpq_url(engine: AsyncEngine) -> str:
     """The engine's URL for a plain psycopg connection (the LISTEN connection)."""
     return libpq_url(engine.url.render_as_string(hide_password=False))
-
-
-def is_connection_error(exc: BaseException) -> bool:
-    """Errors that reconnecting can heal: the server went away, restarted or refused us."""
-    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(
-        exc,
-        sqlalchemy.exc.OperationalError
-        | sqlalchemy.exc.InterfaceError
-        | psycopg.OperationalError
-        | psycopg.InterfaceError
-        | ConnectionError,
-    )

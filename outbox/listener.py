@@ -16,6 +16,7 @@ from typing import Any
 
 import psycopg
 
+from outbox.backoff import next_delay
 from outbox.schema import NOTIFY_CHANNEL
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class Listener:
         self._channel = channel
         self._on_state = on_state
         self._max_backoff = max_backoff
+        self._rng = random.Random()
         self.connected = False
         self.ready = asyncio.Event()
 
@@ -76,7 +78,7 @@ class Listener:
             except (psycopg.Error, OSError) as exc:
                 failures += 1
                 self._set_state(False)
-                delay = min(self._max_backoff, 0.2 * 2**failures) * random.uniform(0.5, 1.0)
+                delay = next_delay(failures, base=0.2, cap=self._max_backoff, rng=self._rng)
                 logger.warning(
                     "listen connection lost (%s); polling until it is back, retry in %.1fs",
                     exc,

@@ -86,6 +86,17 @@ STEPS: Sequence[Step] = (
             """,
         ),
     ),
+    Step(
+        3,
+        "claimed_by: the relay that claimed a row (available_at is then its lease)",
+        (
+            "ALTER TABLE outbox ADD COLUMN IF NOT EXISTS claimed_by uuid",
+            """
+            CREATE INDEX IF NOT EXISTS ix_outbox_claimed ON outbox (id)
+            WHERE claimed_by IS NOT NULL AND sent_at IS NULL AND dead_at IS NULL
+            """,
+        ),
+    ),
 )
 
 HEAD = STEPS[-1].version

@@ -31,6 +31,32 @@ class Dead:
 Outcome = Sent | Retry | Dead
 
 
+RESULT_MAX = 2000
+
+
+def storable(value: object, limit: int = LAST_ERROR_MAX) -> str:
+    """``value`` as text PostgreSQL will take, bounded to ``limit`` characters.
+
+    An outcome must never fail to be stored: a failed settle used to roll a whole batch back and
+    send it again. A ``text`` column refuses NUL bytes and text that is not valid UTF-8 (lone
+    surrogates, say from a decoded SMTP reply), so both are escaped; a non-string (a handler that
+    returns a dict) is kept as its ``repr``.
+    """
+    text = value if isinstance(value, str) else repr(value)
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text[:limit]
+
+
+def stored_result(value: object) -> str | None:
+    """What a successful handler returned, as the ``result`` column keeps it."""
+    return None if value is None else storable(value, RESULT_MAX)
+
+
 def describe(exc: BaseException) -> str:
     """The last line a traceback would print ("ValueError: bad"), bounded for the column.
 
@@ -43,7 +69,7 @@ def describe(exc: BaseException) -> str:
         line = traceback.format_exception_only(type(exc), exc)[-1].strip()
     if isinstance(exc, TimeoutError) and not str(exc):
         line = "TimeoutError: the send did not finish within the timeout"
-    return line[:LAST_ERROR_MAX]
+    return storable(line)
 
 
 def classify(
@@ -57,8 +83,9 @@ def classify(
 ) -> Retry | Dead:
     """Decide after a failed attempt. ``attempts`` is the count *including* this failure.
 
-    Permanent errors (SMTP 5xx, unknown topic, a mail that cannot be built) are dead at once.
-    Everything else, including an unexpected exception from a handler, is retried: a bug that is
+    Permanent errors (SMTP 5xx, a mail that cannot be built) are dead at once. Everything else,
+    including an unexpected exception from a handler (``SystemExit`` and ``KeyboardInterrupt``
+    raised by a handler too: they end that attempt, not the relay), is retried: a bug that is
     fixed and deployed should not have cost the messages that met it. Once ``max_attempts`` is
     reached the message is dead with the last error.
     """

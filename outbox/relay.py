@@ -1,11 +1,28 @@
-"""The relay: claim due messages, run their handlers, settle the outcomes.
+"""The relay: claim due messages, run their handlers outside any transaction, settle the outcomes.
 
-One transaction per batch: ``CLAIM_DUE`` locks the rows (``FOR UPDATE SKIP LOCKED``), the
-handlers run concurrently while the locks are held, and one UPDATE per outcome kind settles them
-before the commit. A relay that dies at any point loses nothing: its connection drops, PostgreSQL
-rolls the transaction back, and the rows are due again for any relay. The price is that messages
-in flight at a crash may be delivered twice (at-least-once), which the stable Message-ID lets a
-receiver detect.
+Three parts share one process, River-style:
+
+- the **producer** claims ``min(batch_size, free slots)`` rows in a short transaction of its own
+  (``CLAIM_DUE``: attempt counted, owner and lease stamped, committed) as soon as workers free up,
+  so one hung send occupies one slot, never the relay;
+- the **executor** is ``concurrency`` workers; a send is cut off at ``send_timeout``;
+- the **completer** settles outcomes in batches (when ``concurrency`` outcomes wait, or a few
+  milliseconds after the first), each row fenced by owner and attempt: a relay whose rows were
+  taken over records nothing for them. A settle that fails is retried on its own; nothing is
+  ever sent again because a settle failed.
+
+Beside them, a **heartbeat** extends the lease of the rows in flight every ``lease / 3`` seconds
+(one UPDATE), and a **rescuer** probes once a second whether the owners of other rows in flight
+still hold their advisory lock (``outbox.ownership``): a dead relay's rows are due again within
+about a second, a frozen one's when their lease runs out (``lease``, 30 s by default). A row that
+was in flight in two relays that died is claimed and run alone, with nothing else in flight, so a
+message that kills relays takes no batch-mate down with it a third time; after ``max_attempts``
+claims it is dead with "relay died while handling it". No transaction is open while a handler
+runs.
+
+Database errors that are the infrastructure's (``outbox.dberrors``: connection lost, read-only,
+admin shutdown, serialization, disk full) spend no attempt and never end the relay: the short
+transaction rolls back, the relay waits (``outbox.backoff``) and resumes.
 """
 
 from __future__ import annotations
@@ -15,35 +32,30 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    wait_exponential,
-    wait_random,
-)
 
 from outbox import queries
+from outbox.backoff import database_delay
 from outbox.claim import ClaimCursor
-from outbox.db import is_connection_error
+from outbox.db import engine_libpq_url
+from outbox.dberrors import drops_session, is_infrastructure_error, sqlstate
 from outbox.errors import AmbiguousSendError, ConfigError, SendError
 from outbox.listener import Listener
-from outbox.message import OutboxMessage
 from outbox.metrics import RelayMetrics
-from outbox.outcome import Dead, Outcome, Retry, Sent, classify, describe
+from outbox.outcome import Dead, Outcome, Retry, Sent, classify, describe, stored_result
+from outbox.ownership import OwnerSession
+from outbox.queries import Claimed, ClaimOwner
 from outbox.registry import HandlerRegistry
 from outbox.settlelog import LoggingSettleLog, SettledLine, SettleLog
 from outbox.watchdog import SendWatchdog
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 _OUTCOME_LABEL: dict[type, str] = {Sent: "sent", Retry: "retry", Dead: "dead"}
 
@@ -55,6 +67,13 @@ DEFAULT_MAX_ATTEMPTS = 15
 DEFAULT_BACKOFF_BASE = 2.0
 DEFAULT_BACKOFF_CAP = 3600.0
 DEFAULT_STOP_GRACE = 5.0
+DEFAULT_LEASE = 30.0
+DEFAULT_MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
+
+# How often a relay looks for the rows of dead relays: the crash take-over bound is about this.
+RESCUE_EVERY_S = 1.0
+# The completer writes when this many milliseconds passed since the first outcome waiting.
+SETTLE_AFTER_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -69,17 +88,26 @@ class RelayConfig:
     backoff_base: float = DEFAULT_BACKOFF_BASE
     backoff_cap: float = DEFAULT_BACKOFF_CAP
     stop_grace: float = DEFAULT_STOP_GRACE
+    lease: float = DEFAULT_LEASE
+    # Payload bytes (stored size) claimed and not yet through a handler; a claim may pass it by
+    # one message. Memory then follows bytes in flight, not rows.
+    max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT
 
     def __post_init__(self) -> None:
         checks = [
-            (self.batch_size >= 1, "--batch-size must be at least 1"),
-            (self.concurrency >= 1, "--concurrency must be at least 1"),
-            (self.poll_interval > 0, "--poll-interval must be positive"),
-            (self.send_timeout > 0, "--send-timeout must be positive"),
-            (self.max_attempts >= 1, "--max-attempts must be at least 1"),
-            (self.backoff_base > 0, "--backoff-base must be positive"),
-            (self.backoff_cap >= self.backoff_base, "--backoff-cap must be >= --backoff-base"),
-            (self.stop_grace >= 0, "--stop-grace must not be negative"),
+            (self.batch_size >= 1, "batch_size (--batch-size) must be at least 1"),
+            (self.concurrency >= 1, "concurrency (--concurrency) must be at least 1"),
+            (self.poll_interval > 0, "poll_interval (--poll-interval) must be positive"),
+            (self.send_timeout > 0, "send_timeout (--send-timeout) must be positive"),
+            (self.max_attempts >= 1, "max_attempts (--max-attempts) must be at least 1"),
+            (self.backoff_base > 0, "backoff_base (--backoff-base) must be positive"),
+            (
+                self.backoff_cap >= self.backoff_base,
+                "backoff_cap (--backoff-cap) must be >= backoff_base",
+            ),
+            (self.stop_grace >= 0, "stop_grace (--stop-grace) must not be negative"),
+            (self.lease >= 3, "lease (--lease) must be at least 3 seconds"),
+            (self.max_bytes_in_flight >= 1, "max_bytes_in_flight must be positive"),
         ]
         for ok, message in checks:
             if not ok:
@@ -87,99 +115,92 @@ class RelayConfig:
 
     @property
     def stop_bound(self) -> float:
-        """Seconds from SIGTERM to exit, at most: after a stop no new send starts, so only the
-        sends already running (each bounded by ``send_timeout``) finish, then the settle."""
+        """Seconds from SIGTERM to exit, at most: no claim and no send starts after a stop, so
+        only the sends already running (each bounded by ``send_timeout``) finish; ``stop_grace``
+        covers settling them and releasing the claims that never started."""
         return self.send_timeout + self.stop_grace
 
     @property
-    def idle_in_transaction_timeout(self) -> float:
-        """How long PostgreSQL lets a relay sit idle inside a batch transaction before ending it.
+    def heartbeat_every(self) -> float:
+        """Leases are renewed three times per lease: two renewals may fail before one lapses."""
+        return self.lease / 3
 
-        A batch is idle between the claim and the settle: sends start within ``send_timeout``
-        of the claim and each lasts at most ``send_timeout`` (see ``Relay._send_all``), so at
-        most ``2 * send_timeout``. Ten seconds more absorb scheduling noise. A relay frozen or
-        cut off for longer loses its session and its locks, and its batch is due for the others.
+    @property
+    def idle_in_transaction_timeout(self) -> float:
+        """The relay's transactions are a single claim or settle: none should ever sit idle.
+
+        Kept as a safety net (a bug, a frozen process inside one): PostgreSQL ends such a
+        session, and its row locks with it, after this long.
         """
-        return 2 * self.send_timeout + 10.0
+        return 10.0
 
 
 @dataclass
 class BatchResult:
-    """What one ``run_once`` (or a drain of several) did: the test handle on the relay."""
+    """What a ``run_once`` or a ``drain`` did: the test handle on the relay."""
 
     claimed: int = 0
     sent: int = 0
     retried: int = 0
     dead: int = 0
-    released: int = 0  # claimed but not attempted (stop, or the start deadline): due again
+    released: int = 0  # claimed but never started (a stop): the attempt was given back
+    refused: int = 0  # outcomes the fence refused: the row had been taken over meanwhile
 
     def __iadd__(self, other: BatchResult) -> BatchResult:
-        self.claimed += other.claimed
-        self.sent += other.sent
-        self.retried += other.retried
-        self.dead += other.dead
-        self.released += other.released
+        for name in vars(self):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
 
 
-@dataclass(frozen=True, slots=True)
-class _Attempt:
-    outcome: Outcome
-    seconds: float
+@dataclass(slots=True)
+class _Job:
+    """One claimed row on its way through the relay."""
+
+    claimed: Claimed
+    owner: uuid.UUID
+    alone: bool = False  # an abandoned row, run with nothing else in flight
+
+
+@dataclass(slots=True)
+class _Done:
+    """What the completer writes for a job: an outcome, or ``None`` to release the claim."""
+
+    job: _Job
+    outcome: Outcome | None
+    seconds: float = 0.0
 
 
 @dataclass
-class _Settlement:
-    sent_ids: list[int] = field(default_factory=list)
-    sent_results: list[str | None] = field(default_factory=list)
-    retry_ids: list[int] = field(default_factory=list)
-    retry_delays: list[float] = field(default_factory=list)
-    retry_errors: list[str] = field(default_factory=list)
-    dead_ids: list[int] = field(default_factory=list)
-    dead_errors: list[str] = field(default_factory=list)
+class _Writes:
+    """One settle: the fenced UPDATEs of a group of outcomes, as parallel arrays."""
 
-    released: int = 0
-    lines: list[SettledLine] = field(default_factory=list)
+    sent: list[_Done] = field(default_factory=list)
+    retry: list[_Done] = field(default_factory=list)
+    dead: list[_Done] = field(default_factory=list)
+    release: list[_Done] = field(default_factory=list)
 
     @classmethod
-    def of(cls, rows: Sequence[OutboxMessage], attempts: Sequence[_Attempt | None]) -> _Settlement:
-        s = cls()
-        for row, attempt in zip(rows, attempts, strict=True):
-            if attempt is None:
-                s.released += 1
-                continue
-            outcome = attempt.outcome
-            s.lines.append(
-                SettledLine(
-                    outbox_id=row.id,
-                    topic=row.topic,
-                    attempt=row.attempts + 1,
-                    outcome=_OUTCOME_LABEL[type(outcome)],
-                    duration_ms=attempt.seconds * 1000,
-                    error=None if isinstance(outcome, Sent) else outcome.error,
-                )
-            )
-            match outcome:
-                case Sent(result):
-                    s.sent_ids.append(row.id)
-                    s.sent_results.append(result)
-                case Retry(delay, error):
-                    s.retry_ids.append(row.id)
-                    s.retry_delays.append(delay)
-                    s.retry_errors.append(error)
-                case Dead(error):
-                    s.dead_ids.append(row.id)
-                    s.dead_errors.append(error)
-        return s
+    def of(cls, done: Sequence[_Done]) -> _Writes:
+        w = cls()
+        for d in done:
+            match d.outcome:
+                case None:
+                    w.release.append(d)
+                case Sent():
+                    w.sent.append(d)
+                case Retry():
+                    w.retry.append(d)
+                case Dead():
+                    w.dead.append(d)
+        return w
 
-    def result(self) -> BatchResult:
-        return BatchResult(
-            claimed=len(self.sent_ids) + len(self.retry_ids) + len(self.dead_ids) + self.released,
-            sent=len(self.sent_ids),
-            retried=len(self.retry_ids),
-            dead=len(self.dead_ids),
-            released=self.released,
-        )
+
+def _keys(done: Sequence[_Done]) -> dict[str, list[Any]]:
+    return {
+        "ids": [d.job.claimed.message.id for d in done],
+        "owners": [d.job.owner for d in done],
+        "attempts": [d.job.claimed.attempt for d in done],
+    }
 
 
 class Relay:
@@ -187,6 +208,8 @@ class Relay:
 
     ``clock`` returns the time the queries use; ``None`` (the default) means the database's own
     clock. ``rng`` drives the backoff jitter. Both are injectable so tests never sleep.
+    ``listen_dsn`` is a direct (not pooled) libpq URL for LISTEN and for the owner lock; without
+    it the relay takes the engine's URL for the owner lock and polls.
     """
 
     def __init__(
@@ -214,107 +237,353 @@ class Relay:
         self.settle_log: SettleLog = settle_log or LoggingSettleLog()
         self._send_seconds_by_topic: dict[str, Any] = {}
         self._cursor = ClaimCursor()
+        # The state of one run (``_serving``); a Relay runs one at a time.
+        self._owner: uuid.UUID | None = None
+        self._owner_ready = asyncio.Event()
+        self._held: dict[int, _Job] = {}  # claimed and not yet settled, by row id
+        self._active = 0  # claimed and not yet through a worker
+        self._bytes = 0  # payload bytes of those
+        self._slot_freed = asyncio.Event()
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._done: list[_Done] = []
+        self._done_ready = asyncio.Event()
+        self._settled = asyncio.Event()  # set whenever nothing waits to be written
+        self._abandoned_due = False
+        self._result = BatchResult()
+        self._watchdog: SendWatchdog | None = None
+        self._conns: dict[str, AsyncConnection] = {}  # kept between transactions, by role
+        self._prefetch = self.config.batch_size  # claimed rows that may wait for a worker
+        self._background: list[asyncio.Task[None]] = []
 
     def _now(self) -> datetime | None:
         return self._clock() if self._clock is not None else None
 
-    # --- one batch ---------------------------------------------------------------------------
+    @property
+    def owner(self) -> uuid.UUID | None:
+        """The owner id the relay claims under right now (``None`` while it has no lock)."""
+        return self._owner if self._owner_ready.is_set() else None
+
+    # --- entry points ------------------------------------------------------------------------
 
     async def run_once(self, *, due_before: datetime | None = None) -> BatchResult:
-        """Claim one batch, deliver it, settle it, commit. Returns what happened."""
-        async with self.engine.connect() as conn:
-            now = due_before or self._now()
-            with self.metrics.claim_seconds.time():
-                rows = await self._cursor.claim(conn, limit=self.config.batch_size, now=now)
-            if not rows:
-                await conn.rollback()
-                return BatchResult()
-            self.metrics.batch_size.observe(len(rows))
-            attempts = await self._send_all(rows)
-            # Rows never started (stop requested, or the batch's start deadline passed) are not
-            # written at all: the commit releases their locks and they are due again at once.
-            settlement = _Settlement.of(rows, attempts)
-            # Shielded: a cancel (shutdown) while settling must not leave the batch half-written
-            # or, worse, sent but unmarked. If we are cancelled, wait for the settle to finish.
-            settle = asyncio.ensure_future(self._settle(conn, settlement))
-            try:
-                await asyncio.shield(settle)
-            except asyncio.CancelledError:
-                await settle
-                raise
-            return settlement.result()
+        """Claim one batch (up to ``batch_size``), deliver it, settle it. Returns what happened."""
+        return await self._serve(due_before or self._now(), "once")
 
-    def _report(self, settlement: _Settlement) -> None:
-        """After the commit: one line per settled message, and the counters."""
-        self.settle_log.write(settlement.lines)
-        counts: dict[tuple[str, str], int] = {}
-        for line in settlement.lines:
-            key = (line.outcome, line.topic)
-            counts[key] = counts.get(key, 0) + 1
-        for (outcome, topic), n in counts.items():
-            self.metrics.settled.labels(outcome, topic).inc(n)
+    async def drain(self) -> BatchResult:
+        """Deliver everything due now, then return (``outbox relay --once``).
 
-    async def _send_all(self, rows: Sequence[OutboxMessage]) -> list[_Attempt | None]:
-        """Run the batch's handlers, at most ``concurrency`` at a time.
-
-        ``concurrency`` workers take the rows in claim order, one after the other, so a batch
-        larger than that sends in waves without a task or a semaphore per message (both are
-        measurable on the no-op path). A send may only *start* within ``send_timeout`` of the
-        claim, and runs for at most ``send_timeout``, so a batch holds its locks for at most
-        twice that, whatever the batch size and however slow the mail server
-        (``RelayConfig.idle_in_transaction_timeout`` relies on this bound). Rows that could not
-        start in time, or whose turn came after a stop was requested, come back as ``None``.
+        "Now" is fixed when the drain starts, so a message that fails and is rescheduled is not
+        picked up again by the same drain.
         """
-        start_deadline = time.monotonic() + self.config.send_timeout
-        attempts: list[_Attempt | None] = [None] * len(rows)
-        turns = iter(enumerate(rows))
-        watchdog = SendWatchdog(self.config.send_timeout)
+        return await self._serve(None, "drain")  # "now" is read after the first rescue
 
-        async def worker() -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            for index, row in turns:
-                if self._stopping.is_set() or time.monotonic() > start_deadline:
-                    return  # this row and those nobody took stay None: released
-                attempts[index] = await self._attempt(row, watchdog, task)
+    async def run(self) -> None:
+        """Deliver until ``stop()``: claim while workers are free, else wait for NOTIFY or a poll.
 
+        On stop no new claim is made and no send starts; the sends running get
+        ``config.stop_bound`` seconds in all to finish and be settled, and claims that never
+        started are released. Past that bound the rest is cancelled: those rows stay claimed
+        until this relay's lock session ends with the process, and another relay rescues them.
+        """
+        listener_task = None
+        if self._listen_dsn is not None:
+            self.listener = Listener(
+                self._listen_dsn, self._wake, on_state=self.metrics.on_listen_state
+            )
+            listener_task = asyncio.create_task(self.listener.run(), name="outbox-listener")
+        loop_task = asyncio.create_task(self._serve(None, "forever"), name="outbox-relay")
+        stop_task = asyncio.create_task(self._stopping.wait())
         try:
-            async with asyncio.TaskGroup() as group:
-                for _ in range(min(self.config.concurrency, len(rows))):
-                    group.create_task(worker())
+            await asyncio.wait({loop_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            if not loop_task.done():
+                try:
+                    async with asyncio.timeout(self.config.stop_bound):
+                        await asyncio.shield(loop_task)
+                except TimeoutError:
+                    logger.warning(
+                        "sends in flight did not finish within %.0fs; leaving them to be rescued",
+                        self.config.stop_bound,
+                        extra={"action": "abort_batch"},
+                    )
+                    loop_task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await loop_task
+            else:
+                loop_task.result()
         finally:
-            watchdog.close()
-        return attempts
+            for task in (stop_task, listener_task, loop_task):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
 
-    async def _attempt(
-        self, row: OutboxMessage, watchdog: SendWatchdog, task: asyncio.Task[Any]
-    ) -> _Attempt:
+    def stop(self) -> None:
+        """Ask the relay to stop (what SIGTERM does); safe to call from a signal handler."""
+        if not self._stopping.is_set():
+            logger.info("stopping: no new claims", extra={"action": "stop_relay"})
+        self._stopping.set()
+        self._slot_freed.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    # --- one run: the parts around the producer ----------------------------------------------
+
+    async def _serve(
+        self, due_before: datetime | None, mode: Literal["once", "drain", "forever"]
+    ) -> BatchResult:
+        self._result = BatchResult()
+        async with self._serving():
+            await self._produce(due_before, mode)
+            await self._wind_down()
+        return self._result
+
+    @contextlib.asynccontextmanager
+    async def _serving(self) -> AsyncIterator[None]:
+        """Owner lock, workers, completer, heartbeat and rescuer, for the length of a run."""
+        self._held.clear()
+        self._active = 0
+        self._bytes = 0
+        self._done.clear()
+        self._settled.set()
+        self._abandoned_due = False
+        self._watchdog = SendWatchdog(self.config.send_timeout)
+        background = self._background = [
+            asyncio.create_task(self._keep_owner(), name="outbox-owner"),
+            asyncio.create_task(self._complete(), name="outbox-completer"),
+            asyncio.create_task(self._heartbeat(), name="outbox-heartbeat"),
+        ]
+        workers = [
+            asyncio.create_task(self._work(), name=f"outbox-worker-{n}")
+            for n in range(self.config.concurrency)
+        ]
+        try:
+            yield
+        finally:
+            for task in workers + background:
+                task.cancel()
+            for task in workers + background:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            self._watchdog.close()
+            self._owner_ready.clear()
+            await self._close_connections()
+
+    async def _wind_down(self) -> None:
+        """After the producer: let every claimed job finish (or be released), write them all."""
+        while self._active:
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
+        await self._flushed()
+
+    # --- producer ----------------------------------------------------------------------------
+
+    def _claimer(self) -> ClaimOwner:
+        assert self._owner is not None
+        return ClaimOwner(self._owner, self.config.lease, self.registry.topics)
+
+    async def _produce(
+        self, due_before: datetime | None, mode: Literal["once", "drain", "forever"]
+    ) -> None:
+        """Claim as workers free up (River's "max workers minus active") until told to stop.
+
+        "Active" counts the rows running and the rows claimed and waiting for a worker; up to
+        ``batch_size`` may wait (``_prefetch``), so the next claim's round trips overlap the
+        sends instead of idling the workers (measured with bench/stall.py, 20,000 no-op
+        messages: 2.6-5.1k/s with ``concurrency`` waiting, 9-12k/s with ``batch_size``; with none
+        waiting, 2,000 5 ms handlers took 3.0 s instead of 0.8 s). A claim waits until a quarter
+        of that capacity is free (or all of it), so a busy relay claims in groups rather than
+        one row per transaction. A hung send holds one worker; the waiting rows go to the
+        others.
+        """
+        capacity = self.config.concurrency + self._prefetch
+        threshold = max(1, min(self.config.batch_size, capacity) // 4)
+        while not self._stopping.is_set():
+            self._check_background()
+            if mode == "drain" and due_before is None and self._owner_ready.is_set():
+                # After the first rescue, so rows it made due (a dead relay's) are in the drain.
+                due_before = self._now() or await self._retrying(
+                    "read the clock", self._database_now
+                )
+            if not self._owner_ready.is_set():
+                try:
+                    async with asyncio.timeout(1.0):
+                        await _first(self._owner_ready.wait(), self._stopping.wait())
+                except TimeoutError:
+                    pass
+                continue
+            if self._abandoned_due and mode != "once":
+                await self._run_abandoned()
+                continue
+            free = capacity - self._active
+            if mode == "once":
+                free = self.config.batch_size
+            elif free <= 0 or (self._active and free < threshold):
+                await self._slot_wait()
+                continue
+            elif self._active and self._bytes >= self.config.max_bytes_in_flight:
+                await self._slot_wait()
+                continue
+            self._wake.clear()  # a NOTIFY during this claim makes us look again at once
+            claimed = await self._claim(min(self.config.batch_size, free), due_before)
+            if claimed:
+                self._dispatch(claimed)
+                if mode == "once":
+                    return
+                continue
+            if mode == "once" or (mode == "drain" and not self._active):
+                return
+            if mode == "drain":
+                await self._slot_wait()
+                continue
+            try:
+                async with asyncio.timeout(self.config.poll_interval):
+                    await _first(
+                        self._wake.wait(), self._stopping.wait(), self._slot_wait_forever()
+                    )
+            except TimeoutError:
+                pass
+
+    def _check_background(self) -> None:
+        """A part that ended by itself ended on a bug: let it end the run, loudly."""
+        for task in self._background:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise RuntimeError(f"{task.get_name()} failed") from task.exception()
+
+    async def _slot_wait(self) -> None:
+        """Until a worker frees a slot (or ``stop()``, which sets the same event). One event,
+        not a race of several: this runs once per finished send on a busy relay."""
+        self._slot_freed.clear()
+        await self._slot_freed.wait()
+
+    async def _slot_wait_forever(self) -> None:
+        """Wakes an idle producer when abandoned rows were found (the rescuer sets the flag)."""
+        while not self._abandoned_due:
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
+
+    def _dispatch(self, claimed: Sequence[Claimed], *, alone: bool = False) -> None:
+        assert self._owner is not None
+        self.metrics.batch_size.observe(len(claimed))
+        self._result.claimed += len(claimed)
+        for c in claimed:
+            job = _Job(c, self._owner, alone)
+            self._held[c.message.id] = job
+            self._active += 1
+            self._bytes += c.size
+            self._queue.put_nowait(job)
+
+    async def _claim(self, limit: int, due_before: datetime | None) -> list[Claimed]:
+        now = due_before or self._now()
+
+        async def claim() -> list[Claimed]:
+            async with self._transaction("claim") as conn:
+                with self.metrics.claim_seconds.time():
+                    rows: list[Claimed] = await self._cursor.claim(
+                        conn,
+                        limit=limit,
+                        now=now,
+                        claimer=self._claimer(),
+                        clock=self._now(),
+                        budget=max(1, self.config.max_bytes_in_flight - self._bytes),
+                    )
+                return rows
+
+        claimed: list[Claimed] = await self._retrying("claim", claim, default=[])
+        return claimed
+
+    async def _run_abandoned(self) -> None:
+        """Run suspect rows one at a time, each with nothing else in flight in this relay.
+
+        A suspect was in flight in two relays that died (see RESCUE_ABANDONED): it may be what
+        kills relays. Run alone, another crash costs no other message a duplicate, and it is
+        dead after ``max_attempts`` crashes. The wait for the sends in flight to finish is at
+        most ``send_timeout``.
+        """
+        while self._active and not self._stopping.is_set():
+            await self._slot_wait()
+        await self._flushed()
+        while not self._stopping.is_set():
+
+            async def claim() -> Claimed | None:
+                now = self._now()  # rescued rows became due after a drain's "now"
+                async with self._transaction("claim") as conn:
+                    return await queries.claim_abandoned(
+                        conn,
+                        now=now,
+                        claimer=self._claimer(),
+                        max_attempts=self.config.max_attempts,
+                        held=list(self._held),
+                    )
+
+            claimed = await self._retrying("claim an abandoned message", claim, default=None)
+            if claimed is None:
+                self._abandoned_due = False
+                return
+            logger.warning(
+                "running abandoned message id=%s alone (attempt %d)",
+                claimed.message.id,
+                claimed.attempt,
+                extra={"action": "claim_abandoned", "outbox_id": claimed.message.id},
+            )
+            self._dispatch([claimed], alone=True)
+            while self._active:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+            await self._flushed()
+
+    # --- executor ----------------------------------------------------------------------------
+
+    async def _work(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        while True:
+            job = await self._queue.get()
+            try:
+                if self._stopping.is_set():
+                    self._finish(_Done(job, None))  # never started: release the claim
+                else:
+                    self._finish(await self._attempt(job, task))
+            finally:
+                self._active -= 1
+                self._bytes -= job.claimed.size
+                self._slot_freed.set()
+
+    async def _attempt(self, job: _Job, task: asyncio.Task[Any]) -> _Done:
         """Run one handler and turn whatever happens into exactly one outcome.
 
-        Raises only a cancellation that is not the watchdog's (the relay is being shut down).
+        Anything a handler raises is that message's failure, ``BaseException`` included: a
+        handler that calls ``sys.exit()`` or raises ``KeyboardInterrupt`` fails its message, it
+        does not end the relay. Raises only a cancellation that is not the watchdog's (the relay
+        is being shut down past its stop bound).
         """
+        watchdog = self._watchdog
+        assert watchdog is not None
+        row = job.claimed.message
         started = time.perf_counter()
         watchdog.start(task)
         try:
             handler = self.registry.get(row.topic)
-            outcome: Outcome = Sent(await handler(row))
+            outcome: Outcome = Sent(stored_result(await handler(row)))
         except asyncio.CancelledError:
             if not watchdog.timed_out(task):
                 raise
-            outcome = self._failed(row, TimeoutError())
-        except Exception as exc:
-            outcome = self._failed(row, exc)
+            outcome = self._failed(job, TimeoutError())
+        except BaseException as exc:  # a handler's SystemExit too: see the docstring
+            outcome = self._failed(job, exc)
         finally:
             watchdog.finish(task)
         elapsed = time.perf_counter() - started
         self._send_seconds(row.topic).observe(elapsed)
-        return _Attempt(outcome, elapsed)
+        return _Done(job, outcome, elapsed)
 
-    def _failed(self, row: OutboxMessage, exc: Exception) -> Outcome:
+    def _failed(self, job: _Job, exc: BaseException) -> Outcome:
         """The outcome of a send that raised ``exc``: retry or dead, logged when unexpected."""
+        row = job.claimed.message
         outcome = classify(
             exc,
-            attempts=row.attempts + 1,
+            attempts=job.claimed.attempt,
             max_attempts=self.config.max_attempts,
             backoff_base=self.config.backoff_base,
             backoff_cap=self.config.backoff_cap,
@@ -339,143 +608,323 @@ class Relay:
             child = self._send_seconds_by_topic[topic] = self.metrics.send_seconds.labels(topic)
         return child
 
-    async def _settle(self, conn: AsyncConnection, s: _Settlement) -> None:
-        now = self._now()
-        await queries.mark_sent_many(conn, ids=s.sent_ids, results=s.sent_results, now=now)
-        await queries.mark_retry_many(
-            conn, ids=s.retry_ids, delays=s.retry_delays, errors=s.retry_errors, now=now
-        )
-        await queries.mark_dead_many(conn, ids=s.dead_ids, errors=s.dead_errors, now=now)
-        await conn.commit()
-        self._report(s)
+    # --- completer ---------------------------------------------------------------------------
 
-    # --- loops -------------------------------------------------------------------------------
+    def _finish(self, done: _Done) -> None:
+        self._done.append(done)
+        self._settled.clear()
+        self._done_ready.set()
+
+    async def _flushed(self) -> None:
+        """Wait until every outcome handed to the completer is written."""
+        await self._settled.wait()
+
+    async def _complete(self) -> None:
+        """Write outcomes in groups: when ``concurrency`` wait, or ``SETTLE_AFTER_S`` after the
+        first. Each group is one short transaction of fenced UPDATEs."""
+        while True:
+            await self._done_ready.wait()
+            if len(self._done) < self.config.batch_size and self._active:
+                await asyncio.sleep(SETTLE_AFTER_S)
+            self._done_ready.clear()
+            group, self._done = self._done, []
+            if group:
+                await self._write(group)
+            if not self._done:
+                self._settled.set()
+
+    async def _write(self, group: list[_Done]) -> None:
+        """Settle ``group``, retrying while the database is unavailable; never re-sends.
+
+        Any other error (a bug, a value PostgreSQL refuses that ``storable`` missed) is retried
+        one outcome at a time, so one bad outcome cannot hold the others back; one that fails on
+        its own is logged and left claimed (its lease runs out and it is retried, counted).
+        """
+        try:
+            await self._retrying("settle", lambda: self._settle(group))
+            return
+        except Exception as exc:
+            if len(group) == 1:
+                logger.error(
+                    "could not store the outcome of id=%s: %s",
+                    group[0].job.claimed.message.id,
+                    describe(exc),
+                    exc_info=exc,
+                    extra={"action": "settle_failed"},
+                )
+                self._held.pop(group[0].job.claimed.message.id, None)
+                return
+        for done in group:
+            await self._write([done])
+
+    async def _settle(self, group: Sequence[_Done]) -> None:
+        now = self._now()
+        w = _Writes.of(group)
+        async with self._transaction("settle") as conn:
+            written = await queries.settle_many(
+                conn,
+                queries.MARK_SENT_MANY,
+                now=now,
+                results=[d.outcome.result for d in w.sent],  # type: ignore[union-attr]
+                **_keys(w.sent),
+            )
+            written |= await queries.settle_many(
+                conn,
+                queries.MARK_RETRY_MANY,
+                now=now,
+                delays=[d.outcome.delay for d in w.retry],  # type: ignore[union-attr]
+                errors=[d.outcome.error for d in w.retry],  # type: ignore[union-attr]
+                **_keys(w.retry),
+            )
+            written |= await queries.settle_many(
+                conn,
+                queries.MARK_DEAD_MANY,
+                now=now,
+                errors=[d.outcome.error for d in w.dead],  # type: ignore[union-attr]
+                **_keys(w.dead),
+            )
+            written |= await queries.settle_many(
+                conn,
+                queries.RELEASE_MANY,
+                now=now,
+                available_ats=[d.job.claimed.position.available_at for d in w.release],
+                **_keys(w.release),
+            )
+        self._report(group, written)
+
+    def _report(self, group: Sequence[_Done], written: set[int]) -> None:
+        """After the commit: one line per settled message, the counters, the refusals."""
+        lines = []
+        counts: dict[tuple[str, str], int] = {}
+        r = self._result
+        for done in group:
+            row = done.job.claimed.message
+            self._held.pop(row.id, None)
+            if row.id not in written:
+                r.refused += 1
+                logger.warning(
+                    "outcome of id=%s attempt %d refused: the message was taken over meanwhile",
+                    row.id,
+                    done.job.claimed.attempt,
+                    extra={"action": "settle_refused", "outbox_id": row.id},
+                )
+                continue
+            outcome = done.outcome
+            if outcome is None:
+                r.released += 1
+                continue
+            label = _OUTCOME_LABEL[type(outcome)]
+            if label == "sent":
+                r.sent += 1
+            elif label == "retry":
+                r.retried += 1
+            else:
+                r.dead += 1
+            lines.append(
+                SettledLine(
+                    outbox_id=row.id,
+                    topic=row.topic,
+                    attempt=done.job.claimed.attempt,
+                    outcome=label,
+                    duration_ms=done.seconds * 1000,
+                    error=None if isinstance(outcome, Sent) else outcome.error,
+                )
+            )
+            key = (label, row.topic)
+            counts[key] = counts.get(key, 0) + 1
+        self.settle_log.write(lines)
+        for (label, topic), n in counts.items():
+            self.metrics.settled.labels(label, topic).inc(n)
+
+    # --- heartbeat and rescuer ---------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        """Extend the lease of every row this relay holds, every ``lease / 3`` seconds."""
+        while True:
+            await asyncio.sleep(self.config.heartbeat_every)
+            jobs = list(self._held.values())
+            if not jobs:
+                continue
+            try:
+                async with self._transaction() as conn:
+                    await queries.heartbeat(
+                        conn,
+                        ids=[j.claimed.message.id for j in jobs],
+                        owners=[j.owner for j in jobs],
+                        attempts=[j.claimed.attempt for j in jobs],
+                        lease=self.config.lease,
+                        now=self._now(),
+                    )
+            except Exception as exc:
+                if not is_infrastructure_error(exc):
+                    logger.error("renewing leases failed: %s", describe(exc), exc_info=exc)
+                    continue
+                self._log_database("renew leases", exc, 1, self.config.heartbeat_every)
+
+    async def _keep_owner(self) -> None:
+        """Hold an owner lock (a new owner id per session), and rescue once a second."""
+        failures = 0
+        dsn = self._listen_dsn or engine_libpq_url(self.engine)
+        while True:
+            session: OwnerSession | None = None
+            try:
+                session = await OwnerSession.open(dsn)
+                self._owner = session.owner
+                if failures:
+                    logger.info("owner lock taken again", extra={"action": "owner_lock_up"})
+                failures = 0
+                while True:
+                    await self._rescue(session)
+                    self._owner_ready.set()  # after a first rescue: a drain sees its rows too
+                    await asyncio.sleep(RESCUE_EVERY_S)
+            except Exception as exc:
+                if not is_infrastructure_error(exc):
+                    raise
+                self._owner_ready.clear()
+                failures += 1
+                delay = database_delay(failures, self._rng)
+                self._log_database("hold the owner lock", exc, failures, delay)
+                await asyncio.sleep(delay)
+            finally:
+                self._owner_ready.clear()
+                if session is not None:
+                    with contextlib.suppress(Exception):
+                        await session.close()
+
+    async def _rescue(self, session: OwnerSession) -> None:
+        """One rescuer tick: rows of dead owners due now, rows out of attempts dead, and the
+        producer told when abandoned rows wait. Raises if the lock session itself is lost."""
+        mine = {session.owner} | {job.owner for job in self._held.values()}
+        try:
+            async with self._transaction() as conn:
+                owners = await queries.owners_in_flight(conn)
+        except Exception as exc:
+            if not is_infrastructure_error(exc):
+                raise
+            await session.dead([])  # is it the lock session too?
+            return
+        dead = await session.dead([o for o in owners if o not in mine])
+        if not owners:
+            return
+        held = list(self._held)
+        try:
+            async with self._transaction() as conn:
+                rescued, buried = await queries.rescue_abandoned(
+                    conn,
+                    dead=dead,
+                    held=held,
+                    max_attempts=self.config.max_attempts,
+                    now=self._now(),
+                )
+                due = await queries.abandoned_due(
+                    conn,
+                    topics=self.registry.topics,
+                    held=held,
+                    max_attempts=self.config.max_attempts,
+                    now=self._now(),
+                )
+        except Exception as exc:
+            if not is_infrastructure_error(exc):
+                raise
+            return
+        if rescued or buried:
+            logger.warning(
+                "rescued %d message(s) of %d dead relay(s); %d out of attempts are dead",
+                rescued,
+                len(dead),
+                buried,
+                extra={"action": "rescue_abandoned", "rescued": rescued, "buried": buried},
+            )
+        if due and not self._abandoned_due:
+            self._abandoned_due = True
+            self._slot_freed.set()
+
+    # --- the database ------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self, role: str = "misc") -> AsyncIterator[AsyncConnection]:
+        """A short transaction, committed on exit, on a connection kept for ``role``.
+
+        The producer (``claim``) and the completer (``settle``) each keep a connection checked
+        out between transactions: a pool checkout pings the server first, a round trip that
+        measured as a third of a claim's time. A connection that met an error after which it is
+        useless (read-only, shut down, dropped) is thrown away, never reused or pooled.
+        """
+        conn = self._conns.pop(role, None) or await self.engine.connect()
+        keep = True
+        try:
+            yield conn
+            await conn.commit()
+        except BaseException as exc:
+            keep = not drops_session(exc) and not isinstance(exc, asyncio.CancelledError)
+            if keep:
+                try:
+                    await conn.rollback()
+                except Exception:
+                    keep = False
+            if not keep:
+                with contextlib.suppress(Exception):
+                    await conn.invalidate()
+            raise
+        finally:
+            if keep and role not in self._conns:
+                self._conns[role] = conn
+            else:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+
+    async def _close_connections(self) -> None:
+        conns, self._conns = list(self._conns.values()), {}
+        for conn in conns:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def _retrying(
+        self, what: str, func: Callable[[], Awaitable[Any]], *, default: Any = None
+    ) -> Any:
+        """Run ``func`` until it succeeds, waiting out infrastructure errors (``outbox.dberrors``)
+        with backoff; other errors propagate. Returns ``default`` if the relay stops first."""
+        failures = 0
+        while True:
+            try:
+                result = await func()
+            except Exception as exc:
+                if not is_infrastructure_error(exc):
+                    raise
+                if self._stopping.is_set() and what == "claim":
+                    return default
+                failures += 1
+                delay = database_delay(failures, self._rng)
+                self._log_database(what, exc, failures, delay)
+                await asyncio.sleep(delay)
+                continue
+            if failures:
+                logger.info(
+                    "database available again (%s) after %d tries",
+                    what,
+                    failures,
+                    extra={"action": "database_back"},
+                )
+            return result
+
+    def _log_database(self, what: str, exc: BaseException, failures: int, delay: float) -> None:
+        """One line per try while the database is unavailable."""
+        self.metrics.db_reconnects.inc()
+        state = sqlstate(exc)
+        logger.warning(
+            "database unreachable or not writable (%s%s) to %s; retrying in %.1fs (try %d)",
+            f"SQLSTATE {state}: " if state else "",
+            describe(exc).splitlines()[0][:200],
+            what,
+            delay,
+            failures,
+            extra={"action": "reconnect_database", "sqlstate": state},
+        )
 
     async def _database_now(self) -> datetime:
         async with self.engine.connect() as conn:
             now: datetime = (await conn.execute(queries.SELECT_NOW)).scalar_one()
             return now
-
-    async def drain(self) -> BatchResult:
-        """Deliver everything due now, batch after batch, then return (``outbox relay --once``).
-
-        "Now" is fixed when the drain starts, so a message that fails and is rescheduled is not
-        picked up again by the same drain.
-        """
-        total = BatchResult()
-        due_before = self._now() or await self._with_reconnect(self._database_now)
-        while not self._stopping.is_set():
-            result = await self._with_reconnect(lambda: self.run_once(due_before=due_before))
-            total += result
-            if result.claimed == 0:
-                break
-        return total
-
-    async def _with_reconnect(self, func: Callable[[], Awaitable[T]]) -> T:
-        """Run ``func``, retrying with backoff while the database is unreachable.
-
-        Only connection-level errors are retried (the server restarted, the connection was
-        terminated, the network blipped); anything else is a bug and propagates. Retrying stops
-        when the relay is asked to stop, so a relay cut off from its database still exits on
-        SIGTERM.
-        """
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(is_connection_error),
-            wait=wait_exponential(multiplier=0.2, max=10.0) + wait_random(0, 0.3),
-            stop=lambda _state: self._stopping.is_set(),
-            sleep=self._sleep_unless_stopping,
-            before_sleep=self._log_reconnect,
-            reraise=True,
-        )
-        async for attempt in retrying:
-            with attempt:
-                return await func()
-        raise AssertionError("unreachable: tenacity re-raises the last error")
-
-    async def _sleep_unless_stopping(self, seconds: float) -> None:
-        try:
-            async with asyncio.timeout(seconds):
-                await self._stopping.wait()
-        except TimeoutError:
-            pass
-
-    async def run(self) -> None:
-        """Deliver until ``stop()``: drain while there is work, then wait for NOTIFY or a poll.
-
-        On stop no new batch is claimed; the batch in flight gets ``config.stop_bound`` seconds
-        to finish and settle, after which it is cancelled and rolled back (its rows are simply
-        due again).
-        """
-        listener_task = None
-        if self._listen_dsn is not None:
-            self.listener = Listener(
-                self._listen_dsn, self._wake, on_state=self.metrics.on_listen_state
-            )
-            listener_task = asyncio.create_task(self.listener.run(), name="outbox-listener")
-        loop_task = asyncio.create_task(self._loop(), name="outbox-relay-loop")
-        stop_task = asyncio.create_task(self._stopping.wait())
-        try:
-            await asyncio.wait({loop_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-            if not loop_task.done():
-                try:
-                    async with asyncio.timeout(self.config.stop_bound):
-                        await asyncio.shield(loop_task)
-                except TimeoutError:
-                    logger.warning(
-                        "in-flight batch did not finish within %.0fs; rolling it back",
-                        self.config.stop_bound,
-                        extra={"action": "abort_batch"},
-                    )
-                    loop_task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await loop_task
-            else:
-                loop_task.result()
-        finally:
-            for task in (stop_task, listener_task, loop_task):
-                if task is not None and not task.done():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-
-    async def _loop(self) -> None:
-        while not self._stopping.is_set():
-            self._wake.clear()  # a NOTIFY during this batch makes us look again at once
-            try:
-                result = await self._with_reconnect(self.run_once)
-            except Exception as exc:
-                if self._stopping.is_set() and is_connection_error(exc):
-                    return
-                raise
-            if result.claimed:
-                continue
-            try:
-                async with asyncio.timeout(self.config.poll_interval):
-                    await _first(self._wake.wait(), self._stopping.wait())
-            except TimeoutError:
-                pass
-
-    def stop(self) -> None:
-        """Ask the relay to stop (what SIGTERM does); safe to call from a signal handler."""
-        if not self._stopping.is_set():
-            logger.info("stopping: no new batches", extra={"action": "stop_relay"})
-        self._stopping.set()
-
-    @property
-    def stopping(self) -> bool:
-        return self._stopping.is_set()
-
-    def _log_reconnect(self, state: RetryCallState) -> None:
-        self.metrics.db_reconnects.inc()
-        exc = state.outcome.exception() if state.outcome else None
-        delay = state.next_action.sleep if state.next_action else 0.0
-        logger.warning(
-            "database unreachable (%s); reconnecting in %.1fs (attempt %d)",
-            describe(exc) if exc else "?",
-            delay,
-            state.attempt_number,
-            extra={"action": "reconnect_database"},
-        )
 
     async def sample_queue(self, every: float = 10.0) -> None:
         """Keep the due-depth, oldest-due-age and dead gauges fresh until cancelled."""

@@ -45,7 +45,7 @@ async def open_relay(
         settings.database_url,
         application_name="outbox-relay",
         idle_in_transaction_timeout=config.idle_in_transaction_timeout,
-        pool_size=2,
+        pool_size=4,  # producer, completer, heartbeat and rescuer each hold one at times
     )
     builtin = HandlerRegistry()
     smtp = settings.smtp

@@ -55,6 +55,10 @@ outbox_table = Table(
     Column("dead_at", DateTime(timezone=True)),
     # enqueue(..., dedupe_key=...): at most one message per key while the row exists.
     Column("dedupe_key", Text),
+    # The relay that claimed the row and has not settled it yet (NULL otherwise). While it is
+    # set, ``available_at`` is the claim's lease: the row is not due again until the lease runs
+    # out or the owner is known dead (see CLAIM and RESCUE in ``outbox.queries``).
+    Column("claimed_by", UUID(as_uuid=True)),
 )
 
 # "Due and unsent": the claim walks this index in (available_at, id) order and stops at LIMIT,
@@ -64,6 +68,16 @@ Index(
     outbox_table.c.available_at,
     outbox_table.c.id,
     postgresql_where=text("sent_at IS NULL AND dead_at IS NULL"),
+)
+# Claimed and unsettled: only the rows in flight (a few per relay), for the rescue of a dead
+# relay's rows and the claim of abandoned rows, whatever the backlog behind them. Keyed by id,
+# not by claimed_by: keyed by owner, the fenced settles (``o.id = u.id AND o.claimed_by =
+# u.owner``) were planned as a nested loop over "every row of this owner" per outcome, which
+# made a settle of 9,000 outcomes take 16 s (measured); by id, every plan is a lookup by id.
+Index(
+    "ix_outbox_claimed",
+    outbox_table.c.id,
+    postgresql_where=text("claimed_by IS NOT NULL AND sent_at IS NULL AND dead_at IS NULL"),
 )
 # Purge and `outbox status` look sent rows up by age.
 Index(

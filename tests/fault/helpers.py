@@ -281,3 +281,29 @@ def check_message_id_header(server: CaptureServer, sample: int = 3) -> None:
     for mail in server.mails[:sample]:
         match = _MESSAGE_ID.search(mail.raw)
         assert match and mail.message_id.startswith(f"<{match.group(1).decode()}@")
+
+
+# --- the ledger of tests/fault/relay_handlers.py ----------------------------------------------
+
+
+def read_ledger(path: Path) -> list[tuple[str, int, int, float]]:
+    """(event, outbox id, pid, unix time) per line the in-process handlers wrote."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        event, outbox_id, pid, at = line.split()
+        out.append((event, int(outbox_id), int(pid), float(at)))
+    return out
+
+
+def insert_rows(db_url: str, topic: str, payloads: Sequence[str]) -> list[int]:
+    """One row per JSON payload, in order; returns their ids."""
+    with psycopg.connect(libpq_url(db_url)) as conn:
+        return [
+            conn.execute(
+                "INSERT INTO outbox (topic, payload) VALUES (%s, %s::jsonb) RETURNING id",
+                (topic, payload),
+            ).fetchone()[0]  # type: ignore[index]
+            for payload in payloads
+        ]

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from psycopg.conninfo import conninfo_to_dict
 
-from web.capture import free_port
 from outbox.settings import libpq_url
+from web.capture import free_port
 
 
 def binary() -> str | None:

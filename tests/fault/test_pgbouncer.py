@@ -20,11 +20,11 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 import outbox
-from web.capture import CaptureServer
 from outbox.db import create_engine
 from outbox.settings import libpq_url, normalise_database_url
 from tests.fault.helpers import Delivered, RelayFactory, scalar, scaled, wait_until
 from tests.fault.pgbouncer import PgBouncer, binary
+from web.capture import CaptureServer
 
 pytestmark = pytest.mark.fault
 

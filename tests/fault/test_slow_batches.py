@@ -1,11 +1,11 @@
-"""A batch larger than --concurrency sends in waves: regression tests for two bugs.
+"""A batch larger than --concurrency sends in waves: regression tests for two bugs of the
+lock-holding relay, kept for the new model.
 
-Both bounds the relay derives from ``--send-timeout`` (``RelayConfig.stop_bound`` and
-``RelayConfig.idle_in_transaction_timeout``) once assumed a batch sends in one wave. With a slow
-but healthy mail server a batch of many waves then (1) was rolled back on SIGTERM after mails had
-gone out, and (2) outlived the idle-in-transaction timeout, so PostgreSQL killed the relay's
-session and the batch was re-sent forever. Now no send starts after a stop nor later than
-``send_timeout`` after the claim; rows not started are released untouched.
+The lock-holding relay (1) rolled a batch back on SIGTERM after mails had gone out, and (2) let
+a slow but healthy mail server keep a batch past the idle-in-transaction timeout, so PostgreSQL
+killed the session and the batch was re-sent forever. Now no transaction is open while sends
+run: (1) a stop lets the running sends finish and settle and releases the rest, and (2) a batch
+of many waves simply goes out, however long it takes.
 """
 
 from __future__ import annotations

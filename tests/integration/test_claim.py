@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
+import uuid
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from outbox import HandlerRegistry, Relay, RelayConfig
+from outbox import queries
 from outbox.claim import ClaimCursor
-from outbox.message import OutboxMessage
+from outbox.queries import Claimed, ClaimOwner
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 NOW = T0 + timedelta(hours=1)
@@ -32,14 +32,17 @@ async def backlog(engine: AsyncEngine, count: int) -> None:
             await insert(conn, f"b{n}", T0 + timedelta(seconds=n))
 
 
-def tags(rows: list[OutboxMessage]) -> list[str]:
-    return [row.payload["tag"] for row in rows]
+CLAIMER = ClaimOwner(uuid.uuid4(), 30.0, ["t"])
 
 
-async def mark_sent(conn: AsyncConnection, rows: list[OutboxMessage]) -> None:
+def tags(rows: list[Claimed]) -> list[str]:
+    return [row.message.payload["tag"] for row in rows]
+
+
+async def mark_sent(conn: AsyncConnection, rows: list[Claimed]) -> None:
     await conn.execute(
-        text("UPDATE outbox SET sent_at = :now WHERE id = ANY(:ids)"),
-        {"now": NOW, "ids": [r.id for r in rows]},
+        text("UPDATE outbox SET sent_at = :now, claimed_by = NULL WHERE id = ANY(:ids)"),
+        {"now": NOW, "ids": [r.message.id for r in rows]},
     )
 
 
@@ -54,7 +57,7 @@ async def test_claims_resume_after_a_full_batch_and_find_a_late_row_before_repor
     claimed: list[list[str]] = []
     for step in range(4):
         async with engine.begin() as conn:
-            rows = await cursor.claim(conn, limit=3, now=NOW)
+            rows = await cursor.claim(conn, limit=3, now=NOW, claimer=CLAIMER, clock=NOW)
             claimed.append(tags(rows))
             await mark_sent(conn, rows)
             if step == 0:  # committed with this batch: behind the resume point it leaves
@@ -72,7 +75,7 @@ async def test_a_full_claim_is_made_every_rescan_interval_even_while_a_backlog_l
 
     async def claim() -> list[str]:
         async with engine.begin() as conn:
-            rows = await cursor.claim(conn, limit=3, now=NOW)
+            rows = await cursor.claim(conn, limit=3, now=NOW, claimer=CLAIMER, clock=NOW)
             await mark_sent(conn, rows)
             return tags(rows)
 
@@ -85,25 +88,44 @@ async def test_a_full_claim_is_made_every_rescan_interval_even_while_a_backlog_l
     assert await claim() == ["b8"]
 
 
-async def test_rows_a_batch_released_are_claimed_again_by_the_same_relay(
+async def test_a_claim_counts_the_attempt_and_holds_the_row_for_its_lease_only(
     engine: AsyncEngine,
 ) -> None:
-    """A full batch moves the resume point past rows that were then released untouched (their
-    turn came after the start deadline): the same relay's next claim still finds them."""
-    await backlog(engine, 4)
-    seen: list[str] = []
+    """The claim commits on its own: the row is not claimable again until its lease runs out,
+    and then only as an abandoned row (one at a time, by CLAIM_ABANDONED)."""
+    await backlog(engine, 2)
+    async with engine.begin() as conn:
+        first = await queries.claim_due(conn, limit=1, now=NOW, claimer=CLAIMER, clock=NOW)
+    assert tags(first) == ["b0"] and first[0].attempt == 1
+    assert first[0].message.attempts == 0  # the handler still sees the failures before it
+    other = ClaimOwner(uuid.uuid4(), 30.0, ["t"])
+    async with engine.begin() as conn:
+        assert tags(await queries.claim_due(conn, limit=5, now=NOW, claimer=other, clock=NOW)) == [
+            "b1"
+        ]
+        later = NOW + timedelta(seconds=31)
+        assert await queries.claim_due(conn, limit=5, now=later, claimer=other, clock=later) == []
+        taken = await queries.claim_abandoned(
+            conn, now=later, claimer=other, max_attempts=5, held=[]
+        )
+    assert taken is not None and taken.message.payload["tag"] == "b0" and taken.attempt == 2
 
-    async def slow(message: OutboxMessage) -> None:
-        seen.append(message.payload["tag"])
-        await asyncio.sleep(0.2)
 
-    registry = HandlerRegistry()
-    registry.register("t", slow)
-    relay = Relay(engine, registry, RelayConfig(batch_size=4, concurrency=1, send_timeout=0.3))
-    first = await relay.run_once(due_before=NOW)
-    assert first.claimed == 4 and first.released >= 1
-
-    second = await relay.run_once(due_before=NOW)
-
-    assert second.claimed == first.released
-    assert seen == ["b0", "b1", "b2", "b3"][: first.sent + second.sent]
+async def test_a_claim_takes_only_the_topics_it_serves_and_spends_nothing_on_others(
+    engine: AsyncEngine,
+) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("INSERT INTO outbox (topic, payload, available_at) VALUES ('other', '{}', :at)"),
+            {"at": T0},
+        )
+    await backlog(engine, 1)
+    async with engine.begin() as conn:
+        rows = await queries.claim_due(conn, limit=10, now=NOW, claimer=CLAIMER)
+        other = (
+            await conn.execute(
+                text("SELECT attempts, claimed_by FROM outbox WHERE topic = 'other'")
+            )
+        ).one()
+    assert tags(rows) == ["b0"]
+    assert tuple(other) == (0, None)

@@ -17,12 +17,12 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox import Relay, enqueue
-from web.capture import CapturedMail, CaptureServer
 from outbox.errors import PermanentSendError
 from outbox.mail import SmtpSender
 from outbox.message import OutboxMessage
 from outbox.settings import SmtpConfig
 from tests.integration.test_relay import MAIL_FROM, email_registry, row
+from web.capture import CapturedMail, CaptureServer
 
 SMTP_LINE_LIMIT = 998  # RFC 5321 4.5.3.1.6, without the CRLF
 

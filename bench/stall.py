@@ -1,0 +1,121 @@
+"""Head-of-line measurement: drain 2,000 messages in-process with some sends that hang.
+
+``python -m bench.stall [--admin-url URL] [--rounds N]``. Each case drains 2,000 messages with
+``Relay.drain()`` (batch 100, concurrency 16, send timeout 2 s) on a database of its own. Handlers
+sleep 5 ms; a "hung" one sleeps until the relay's send timeout cuts it off. Slot utilisation is
+handler time (useful and hung) divided by wall time times slots. The point is the shape (what one
+hung send costs the whole relay), not the absolute rate; see ARCHITECTURE.md appendix A for the
+figures of the lock-holding relay this replaced.
+
+Only the public ``Relay`` / ``RelayConfig`` / ``HandlerRegistry`` API is used, so the same script
+measures an older checkout too (``PYTHONPATH=<checkout> python bench/stall.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+import uuid
+
+import psycopg
+from sqlalchemy.engine import make_url
+
+from outbox import HandlerRegistry, Relay, RelayConfig
+from outbox.db import create_engine
+from outbox.message import OutboxMessage
+from outbox.migrate import upgrade_url
+from outbox.settings import libpq_url, normalise_database_url
+
+MESSAGES = 2000
+HANDLER_S = 0.005
+CONCURRENCY = 16
+BATCH = 100
+SEND_TIMEOUT = 2.0
+
+
+async def drain_once(
+    url: str, hang_every: int | None, handler_s: float = HANDLER_S
+) -> tuple[float, int, int, float]:
+    """(seconds, sent, retried, slot utilisation) of one drain."""
+    busy = 0.0
+
+    async def handler(message: OutboxMessage) -> None:
+        nonlocal busy
+        started = time.perf_counter()
+        try:
+            if hang_every and message.payload["n"] % hang_every == hang_every // 2:
+                await asyncio.sleep(3600)
+            await asyncio.sleep(handler_s)
+        finally:
+            busy += time.perf_counter() - started
+
+    registry = HandlerRegistry()
+    registry.register("t", handler)
+    engine = create_engine(url, application_name="outbox-relay", pool_size=4)
+    config = RelayConfig(batch_size=BATCH, concurrency=CONCURRENCY, send_timeout=SEND_TIMEOUT)
+    try:
+        started = time.perf_counter()
+        result = await Relay(engine, registry, config).drain()
+        took = time.perf_counter() - started
+    finally:
+        await engine.dispose()
+    return took, result.sent, result.retried, busy / (took * CONCURRENCY)
+
+
+def fresh_database(admin_url: str, messages: int = MESSAGES) -> str:
+    name = f"bench_stall_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(libpq_url(admin_url), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"'.encode())
+    url = make_url(normalise_database_url(admin_url)).set(database=name)
+    rendered = url.render_as_string(hide_password=False)
+    upgrade_url(rendered)
+    with psycopg.connect(libpq_url(rendered)) as conn:
+        conn.execute(
+            "INSERT INTO outbox (topic, payload) SELECT 't', jsonb_build_object('n', g) "
+            "FROM generate_series(1, %s) AS g",
+            (messages,),
+        )
+    return name
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    with psycopg.connect(libpq_url(admin_url), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--admin-url",
+        default=os.environ.get("ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
+    )
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--messages", type=int, default=MESSAGES)
+    parser.add_argument("--handler-ms", type=float, default=HANDLER_S * 1000)
+    parser.add_argument("--only-none", action="store_true", help="skip the cases with hung sends")
+    args = parser.parse_args()
+    cases = (("none", None), ("1 per 400", 400), ("1 per 100", 100))
+    for label, every in cases[:1] if args.only_none else cases:
+        for _ in range(args.rounds):
+            name = fresh_database(args.admin_url, args.messages)
+            try:
+                url = make_url(normalise_database_url(args.admin_url)).set(database=name)
+                took, sent, retried, used = asyncio.run(
+                    drain_once(
+                        url.render_as_string(hide_password=False), every, args.handler_ms / 1000
+                    )
+                )
+            finally:
+                drop_database(args.admin_url, name)
+            print(
+                f"{args.messages} x {args.handler_ms:g} ms, concurrency {CONCURRENCY} x batch "
+                f"{BATCH}, hung={label:>9}: {took:6.2f} s ({args.messages / took:,.0f}/s), "
+                f"sent={sent} retried={retried}, slot utilisation {used:.0%}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
