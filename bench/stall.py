@@ -22,11 +22,10 @@ import uuid
 import psycopg
 from sqlalchemy.engine import make_url
 
-from outbox import HandlerRegistry, Relay, RelayConfig
+from bench.harness import libpq_url
+from outbox import HandlerRegistry, OutboxMessage, Relay, RelayConfig
 from outbox.db import create_engine
-from outbox.message import OutboxMessage
 from outbox.migrate import upgrade_url
-from outbox.settings import libpq_url, normalise_database_url
 
 MESSAGES = 2000
 HANDLER_S = 0.005
@@ -68,7 +67,7 @@ def fresh_database(admin_url: str, messages: int = MESSAGES) -> str:
     name = f"bench_stall_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(libpq_url(admin_url), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"'.encode())
-    url = make_url(normalise_database_url(admin_url)).set(database=name)
+    url = make_url(admin_url).set(drivername="postgresql+psycopg", database=name)
     rendered = url.render_as_string(hide_password=False)
     upgrade_url(rendered)
     with psycopg.connect(libpq_url(rendered)) as conn:
@@ -101,7 +100,7 @@ def main() -> None:
         for _ in range(args.rounds):
             name = fresh_database(args.admin_url, args.messages)
             try:
-                url = make_url(normalise_database_url(args.admin_url)).set(database=name)
+                url = make_url(args.admin_url).set(drivername="postgresql+psycopg", database=name)
                 took, sent, retried, used = asyncio.run(
                     drain_once(
                         url.render_as_string(hide_password=False), every, args.handler_ms / 1000
