@@ -54,3 +54,22 @@ def is_connection_error(exc: BaseException) -> bool:
         | psycopg.InterfaceError
         | ConnectionError,
     )
+
+
+# SQLSTATE 42P01 (undefined_table): the statement names a table the database does not have.
+UNDEFINED_TABLE = "42P01"
+
+
+def undefined_table(exc: BaseException) -> str | None:
+    """The server's "relation ... does not exist" message when ``exc`` (or what it wraps) is an
+    undefined-table error, else ``None``: on a database nobody migrated every statement fails
+    that way, and the operator needs "run outbox migrate", not a traceback."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, psycopg.Error) and current.sqlstate == UNDEFINED_TABLE:
+            return current.diag.message_primary or str(current).splitlines()[0]
+        orig = getattr(current, "orig", None)
+        current = orig if isinstance(orig, BaseException) else current.__cause__
+    return None

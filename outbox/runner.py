@@ -14,8 +14,9 @@ from datetime import timedelta
 
 from prometheus_client import start_http_server
 
-from outbox import admin
-from outbox.db import create_engine, engine_libpq_url
+from outbox import admin, queries
+from outbox.db import create_engine, engine_libpq_url, is_connection_error
+from outbox.errors import ConfigError, NotMigratedError
 from outbox.registry import HandlerRegistry, default_registry
 from outbox.relay import BatchResult, Relay, RelayConfig
 from outbox.settings import Settings
@@ -78,6 +79,37 @@ async def _purge_forever(relay: Relay, retention: timedelta) -> None:
         await asyncio.sleep(PURGE_EVERY_S)
 
 
+async def _check_migrated(relay: Relay) -> None:
+    """Refuse to start on a database without the outbox table (one line: run outbox migrate).
+
+    A database that does not answer is not refused: the relay waits for it with backoff, as it
+    does for any outage, so relays may start before their database.
+    """
+    try:
+        async with relay.engine.connect() as conn:
+            missing = await queries.missing_tables(conn, ["outbox"])
+    except Exception as exc:
+        if is_connection_error(exc):
+            return
+        raise
+    if missing:
+        raise NotMigratedError(
+            "database not migrated ("
+            + ", ".join(f'relation "{name}" does not exist' for name in missing)
+            + "): run `outbox migrate`"
+        )
+
+
+def _serve_metrics(port: int, host: str, relay: Relay) -> None:
+    try:
+        start_http_server(port, addr=host, registry=relay.metrics.registry)
+    except OSError as exc:  # most often: another relay on this machine has the port
+        reason = exc.strerror or str(exc)
+        raise ConfigError(
+            f"--metrics-port {port}: cannot listen on {host}:{port}: {reason}"
+        ) from None
+
+
 async def serve_relay(
     settings: Settings,
     config: RelayConfig,
@@ -95,8 +127,9 @@ async def serve_relay(
     """
     settle_log = StreamSettleLog(sys.stderr, log_format)
     async with open_relay(settings, config, settle_log=settle_log) as relay:
+        await _check_migrated(relay)
         if metrics_port is not None:
-            start_http_server(metrics_port, addr=metrics_host, registry=relay.metrics.registry)
+            _serve_metrics(metrics_port, metrics_host, relay)
         with on_stop(relay.stop):
             if once:
                 result = await relay.drain()

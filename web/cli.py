@@ -27,8 +27,8 @@ class WebCommand:
     help = "serve the signup app with uvicorn"
 
     def configure(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
-        parser.add_argument("--port", type=_port, default=8000, help="port to bind (8000)")
+        parser.add_argument("--host", default="127.0.0.1", help="address to bind")
+        parser.add_argument("--port", type=_port, default=8000, help="port to bind")
 
     def run(self, args: argparse.Namespace) -> int:
         import uvicorn
@@ -46,10 +46,12 @@ class DevCommand:
     help = "run everything locally: embedded PostgreSQL, mail capture, the app and a relay"
 
     def configure(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
-        parser.add_argument("--port", type=_port, default=8000, help="port to bind (8000)")
+        parser.add_argument("--host", default="127.0.0.1", help="address to bind")
+        parser.add_argument("--port", type=_port, default=8000, help="port to bind")
         parser.add_argument(
-            "--data-dir", default=".outbox", help="where dev keeps its data (.outbox)"
+            "--data-dir",
+            default=".outbox",
+            help="where dev keeps its database, secret key and lock; one outbox dev at a time",
         )
 
     def run(self, args: argparse.Namespace) -> int:
