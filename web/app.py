@@ -7,15 +7,19 @@ server starts and disposes of it when it stops. Handlers reach both through ``re
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
+from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute
 
-from outbox.db import create_engine
+from outbox.db import create_engine, undefined_table
 from web.metrics import Metrics, MetricsMiddleware
 from web.ratelimit import RateLimits
 from web.routes import ROUTES
@@ -23,6 +27,25 @@ from web.settings import Settings
 from web.state import AppState
 
 APPLICATION_NAME = "outbox-web"
+logger = logging.getLogger(__name__)
+
+
+async def _not_migrated(request: Request, exc: Exception) -> Response:
+    """A request that hit a missing table: 503 (the service is not ready, /healthz says why)
+    and one log line for the operator, instead of a bare 500 and a traceback per request."""
+    missing = undefined_table(exc)
+    if missing is None:
+        raise exc
+    logger.error(
+        "database not migrated (%s): run alembic upgrade head",
+        missing,
+        extra={"action": "check_schema"},
+    )
+    return PlainTextResponse(
+        "Service unavailable: please try again later.",
+        status_code=503,
+        headers={"Retry-After": "60"},
+    )
 
 
 def create_app(
@@ -59,6 +82,7 @@ def create_app(
     return Starlette(
         routes=[*ROUTES, *(extra_routes or ())],
         middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
+        exception_handlers={ProgrammingError: _not_migrated},
         lifespan=lifespan,
     )
 
