@@ -361,6 +361,7 @@ _SHOW_FIRST = (
     "topic",
     "recipient",
     "message_id",
+    "message_id_header",
     "attempts",
     "last_error",
     "result",
@@ -392,7 +393,7 @@ def _cmd_show(settings: Settings, args: argparse.Namespace) -> int:
             value = "-"
         elif hasattr(value, "isoformat"):
             value = value.isoformat(timespec="seconds")
-        print(f"{key:<18}{value}")
+        print(f"{key:<20}{value}")
     print("payload")
     for line in json.dumps(payload, indent=2, ensure_ascii=False).splitlines():
         print(f"  {line}")
