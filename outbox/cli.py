@@ -527,7 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        missing_table = _undefined_table(exc)
+        missing_table = _missing_schema(exc)
         if missing_table is not None:
             print(
                 f"outbox {args.command}: database not migrated ({missing_table}): "
@@ -550,10 +550,10 @@ def _is_database_unreachable(exc: BaseException) -> bool:
     return is_connection_error(exc)
 
 
-def _undefined_table(exc: BaseException) -> str | None:
-    from outbox.db import undefined_table
+def _missing_schema(exc: BaseException) -> str | None:
+    from outbox.db import missing_schema
 
-    return undefined_table(exc)
+    return missing_schema(exc)
 
 
 def entrypoint() -> None:

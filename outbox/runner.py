@@ -13,8 +13,10 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 from prometheus_client import start_http_server
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from outbox import admin, queries
+from outbox import admin, migrate, queries
 from outbox.db import create_engine, engine_libpq_url, is_connection_error
 from outbox.errors import ConfigError, NotMigratedError
 from outbox.registry import HandlerRegistry, default_registry
@@ -80,14 +82,17 @@ async def _purge_forever(relay: Relay, retention: timedelta) -> None:
 
 
 async def _check_migrated(relay: Relay) -> None:
-    """Refuse to start on a database without the outbox table (one line: run outbox migrate).
+    """Refuse to start on a database without the outbox table, or with an older schema than this
+    code's (a deploy that skipped ``outbox migrate``): one line, run outbox migrate.
 
     A database that does not answer is not refused: the relay waits for it with backoff, as it
-    does for any outage, so relays may start before their database.
+    does for any outage, so relays may start before their database. A role that may not read
+    the version table (least privilege) skips that half of the check.
     """
     try:
         async with relay.engine.connect() as conn:
             missing = await queries.missing_tables(conn, ["outbox"])
+            applied = set() if missing else await _applied_versions(conn)
     except Exception as exc:
         if is_connection_error(exc):
             return
@@ -98,6 +103,21 @@ async def _check_migrated(relay: Relay) -> None:
             + ", ".join(f'relation "{name}" does not exist' for name in missing)
             + "): run `outbox migrate`"
         )
+    if applied and max(applied) < migrate.HEAD:
+        raise NotMigratedError(
+            f"database schema is behind this outbox (version {max(applied)}, this code needs "
+            f"{migrate.HEAD}): run `outbox migrate`"
+        )
+
+
+async def _applied_versions(conn: AsyncConnection) -> set[int]:
+    try:
+        async with conn.begin_nested():  # a refusal must not abort the enclosing transaction
+            return await conn.run_sync(migrate.applied_versions)
+    except DBAPIError as exc:
+        if is_connection_error(exc):
+            raise
+        return set()
 
 
 def _serve_metrics(port: int, host: str, relay: Relay) -> None:

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute
 
-from outbox.db import create_engine, undefined_table
+from outbox.db import create_engine, missing_schema
 from web.metrics import Metrics, MetricsMiddleware
 from web.ratelimit import RateLimits
 from web.routes import ROUTES
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 async def _not_migrated(request: Request, exc: Exception) -> Response:
     """A request that hit a missing table: 503 (the service is not ready, /healthz says why)
     and one log line for the operator, instead of a bare 500 and a traceback per request."""
-    missing = undefined_table(exc)
+    missing = missing_schema(exc)
     if missing is None:
         raise exc
     logger.error(

@@ -70,6 +70,25 @@ def test_an_unmigrated_database_is_one_line_naming_outbox_migrate(
     assert result.returncode == 1
 
 
+def test_a_schema_older_than_the_code_is_one_line_naming_outbox_migrate(db_url: str) -> None:
+    """A deploy that skipped ``outbox migrate``: the relay sees it before claiming anything, the
+    other commands when a statement names a column the database lacks."""
+    with psycopg.connect(libpq_url(db_url)) as conn:
+        conn.execute(
+            "DELETE FROM outbox_schema_version"
+            " WHERE version = (SELECT max(version) FROM outbox_schema_version)"
+        )
+    env = cli_env(DATABASE_URL=db_url, SMTP_URL="smtp://127.0.0.1:9")
+
+    relay = run_cli("relay", "--once", env=env)
+
+    assert_one_line(relay, "schema is behind", "outbox migrate")
+    with psycopg.connect(libpq_url(db_url)) as conn:
+        conn.execute("ALTER TABLE outbox DROP COLUMN result")
+    show = run_cli("show", "1", env=env)
+    assert_one_line(show, NOT_MIGRATED, "column outbox.result does not exist", "outbox migrate")
+
+
 def wait_answering(base: str, proc: subprocess.Popen[str], *, timeout: float) -> httpx.Response:
     """The first answer of ``base``/healthz, whatever its status."""
     deadline = time.monotonic() + timeout
