@@ -89,6 +89,36 @@ def test_a_schema_older_than_the_code_is_one_line_naming_outbox_migrate(db_url: 
     assert_one_line(show, NOT_MIGRATED, "column outbox.result does not exist", "outbox migrate")
 
 
+def test_the_schema_checks_pass_under_the_least_privilege_roles(
+    db_url: str, smtp_server: CaptureServer
+) -> None:
+    """The relay's role may not read the version table and the web role may not read outbox:
+    neither check may turn that into a refusal or an unhealthy server."""
+    from tests.integration.test_least_privilege import SCRIPT, as_role
+
+    with psycopg.connect(libpq_url(db_url), autocommit=True) as conn:
+        conn.execute(SCRIPT.read_text().encode())
+    insert_emails(db_url, 2)
+    relay_env = cli_env(DATABASE_URL=as_role(db_url, "outbox_relay"), SMTP_URL=smtp_server.url)
+
+    relay = run_cli("relay", "--once", env=relay_env)
+
+    assert relay.returncode == 0, relay.stderr
+    assert len(smtp_server.mails) == 2
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    web_env = cli_env(
+        DATABASE_URL=as_role(db_url, "outbox_web"), SECRET_KEY="k" * 32, BASE_URL=base
+    )
+    proc = start_cli("web", "--port", str(port), env=web_env)
+    try:
+        health = wait_answering(base, proc, timeout=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert (health.status_code, health.json()) == (200, {"status": "ok"})
+
+
 def wait_answering(base: str, proc: subprocess.Popen[str], *, timeout: float) -> httpx.Response:
     """The first answer of ``base``/healthz, whatever its status."""
     deadline = time.monotonic() + timeout
