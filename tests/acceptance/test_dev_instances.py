@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -105,9 +106,21 @@ def after_kill_9(tmp_path: Path, pgdata: Path) -> None:
     assert proc.returncode == 0, stderr
     assert f"pid {orphan}" in stderr  # it says what it found
     assert not postgres_running(pgdata), "Ctrl-C of the next dev must stop the orphan too"
+    deadline = time.monotonic() + 20  # pg_ctl returns once the pid file is gone; the exit follows
+    while process_alive(orphan) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not process_alive(orphan), f"the orphaned postmaster {orphan} is still running"
+
+
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs; an exited process waiting to be reaped (a zombie, since the
+    postmaster's parent is whatever adopted it) counts as gone."""
     try:
-        os.kill(orphan, 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
-        pass
-    else:
-        raise AssertionError(f"the orphaned postmaster {orphan} is still running")
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
