@@ -19,8 +19,9 @@ from typing import Any
 import psycopg
 from sqlalchemy.engine import make_url
 
-from outbox import migrate, queries
+from outbox import queries
 from outbox.settings import libpq_url, normalise_database_url
+from web import migrate  # the whole service's schema: the signup benches need users too
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
