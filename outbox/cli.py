@@ -300,8 +300,13 @@ def _build_parser(app_commands: dict[str, AppCommand]) -> argparse.ArgumentParse
         type=_duration,
         required=True,
         metavar="DURATION",
-        help="with its unit: 30s, 15m, 12h or 7d (a plain number is refused)",
+        help="delete those sent longer ago than this; with its unit: 30s, 15m, 12h or 7d "
+        "(a plain number is refused)",
     )
+    for listed in sub._choices_actions:  # each command's --help opens with what it does
+        command_parser = sub.choices[listed.dest]
+        if command_parser.description is None and listed.help:
+            command_parser.description = listed.help[0].upper() + listed.help[1:] + "."
     return parser
 
 
