@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml web/pyproject.toml
 
 install: $(STAMP)
 
+# make dev PORT=8001: another port (and `outbox dev --data-dir` for a second, separate instance).
+PORT ?= 8000
 dev: $(STAMP)
-	$(BIN)/outbox dev
+	$(BIN)/outbox dev --port $(PORT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

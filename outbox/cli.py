@@ -1,8 +1,9 @@
-"""The ``outbox`` command: relay, migrate, status, dead, retry, purge, discard, admin; and web
-and dev from the signup app.
+"""The ``outbox`` command: relay, migrate, status, dead, show, retry, purge, discard, admin;
+and web and dev from the signup app.
 
-User mistakes (a missing variable, a bad flag, a database that does not answer) end in one line
-on stderr and a non-zero exit, never a traceback.
+User mistakes (a missing variable, a bad flag, a database that does not answer or was never
+migrated) end in one line on stderr and a non-zero exit, never a traceback. ``--help`` of every
+command gives each flag's meaning and default.
 
 ``outbox web`` and ``outbox dev`` belong to the signup app, which is a distribution of its own:
 it adds them through the ``outbox.commands`` entry-point group (an object with ``help``,
@@ -17,13 +18,14 @@ import asyncio
 import importlib
 import json
 import sys
+import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import timedelta
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points, version
 from typing import Any, NoReturn, Protocol, TypeVar
 
 from outbox import admin, logs
-from outbox.errors import ConfigError, OutboxError
+from outbox.errors import ConfigError, NotMigratedError, OutboxError
 from outbox.relay import (
     DEFAULT_BACKOFF_BASE,
     DEFAULT_BACKOFF_CAP,
@@ -46,8 +48,31 @@ class UsageError(OutboxError):
     """The command line is invalid."""
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each flag's help ends with its default, unless it has none worth printing (unset, off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            not action.option_strings
+            or "%(default)" in text
+            or default is None
+            or default is False
+            or default == []
+            or default is argparse.SUPPRESS
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line (and a pointer to --help), not a usage dump."""
+    """argparse, but a usage mistake is one line (and a pointer to --help), not a usage dump, and
+    every command's --help shows defaults (subcommands inherit this class)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
@@ -58,6 +83,25 @@ def _duration(value: str) -> timedelta:
         return admin.parse_duration(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _message_ref(value: str) -> int | uuid.UUID:
+    """A message's id (``42``) or its UUID, bare or as the Message-ID header (``<uuid@host>``)."""
+    if value.isdigit():
+        return int(value)
+    try:
+        return uuid.UUID(value.strip().strip("<>").partition("@")[0])
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a message id or Message-ID: {value!r} (use e.g. 42 or the UUID)"
+        ) from None
+
+
+def _package_version() -> str:
+    try:
+        return version("outbox")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def _positive_int(value: str) -> int:
@@ -104,6 +148,7 @@ def _build_parser(app_commands: dict[str, AppCommand]) -> argparse.ArgumentParse
         description="A transactional outbox on PostgreSQL: relay and operator tools "
         "(and, with the signup app installed, its web server and dev mode).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     for name in sorted({*APP_COMMANDS, *app_commands}):
@@ -114,28 +159,85 @@ def _build_parser(app_commands: dict[str, AppCommand]) -> argparse.ArgumentParse
         else:
             command.configure(sub.add_parser(name, help=command.help))
 
-    relay = sub.add_parser("relay", help="deliver due messages (run several for more throughput)")
-    relay.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE)
-    relay.add_argument("--concurrency", type=_positive_int, default=DEFAULT_CONCURRENCY)
-    relay.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_INTERVAL)
-    relay.add_argument("--send-timeout", type=float, default=DEFAULT_SEND_TIMEOUT)
-    relay.add_argument("--max-attempts", type=_positive_int, default=DEFAULT_MAX_ATTEMPTS)
-    relay.add_argument("--backoff-base", type=float, default=DEFAULT_BACKOFF_BASE)
-    relay.add_argument("--backoff-cap", type=float, default=DEFAULT_BACKOFF_CAP)
-    relay.add_argument("--stop-grace", type=float, default=DEFAULT_STOP_GRACE)
+    relay = sub.add_parser(
+        "relay",
+        help="deliver due messages (run several for more throughput)",
+        description="Deliver due messages: email (when SMTP_URL is set) and the topics of every "
+        "@outbox.handler in the --import modules. Needs DATABASE_URL.",
+    )
+    relay.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        metavar="N",
+        default=DEFAULT_BATCH_SIZE,
+        help="messages claimed per transaction",
+    )
+    relay.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        metavar="N",
+        default=DEFAULT_CONCURRENCY,
+        help="sends in flight at once (and SMTP connections kept open)",
+    )
+    relay.add_argument(
+        "--poll-interval",
+        type=float,
+        default=DEFAULT_POLL_INTERVAL,
+        metavar="SECONDS",
+        help="look for due messages this often when no NOTIFY wakes the relay",
+    )
+    relay.add_argument(
+        "--send-timeout",
+        type=float,
+        default=DEFAULT_SEND_TIMEOUT,
+        metavar="SECONDS",
+        help="give up on one send after this long (it is retried later)",
+    )
+    relay.add_argument(
+        "--max-attempts",
+        type=_positive_int,
+        metavar="N",
+        default=DEFAULT_MAX_ATTEMPTS,
+        help="attempts before a message is dead",
+    )
+    relay.add_argument(
+        "--backoff-base",
+        type=float,
+        default=DEFAULT_BACKOFF_BASE,
+        metavar="SECONDS",
+        help="first retry delay; it doubles with each attempt, with jitter",
+    )
+    relay.add_argument(
+        "--backoff-cap",
+        type=float,
+        default=DEFAULT_BACKOFF_CAP,
+        metavar="SECONDS",
+        help="longest retry delay",
+    )
+    relay.add_argument(
+        "--stop-grace",
+        type=float,
+        default=DEFAULT_STOP_GRACE,
+        metavar="SECONDS",
+        help="on SIGTERM, wait this long beyond --send-timeout for the batch in flight",
+    )
+    relay.add_argument(
+        "--once", action="store_true", help="deliver everything due now, then exit 0"
+    )
     relay.add_argument(
         "--max-bytes-in-flight",
         type=_positive_int,
+        metavar="BYTES",
         default=DEFAULT_MAX_BYTES_IN_FLIGHT,
         help="payload bytes claimed and not yet handled, at most (plus one message)",
     )
     relay.add_argument(
         "--lease",
         type=float,
+        metavar="SECONDS",
         default=DEFAULT_LEASE,
-        help="seconds a claim lasts unrenewed: a frozen or cut-off relay's messages wait this long",
+        help="how long a claim lasts unrenewed: a frozen relay's messages wait this long",
     )
-    relay.add_argument("--once", action="store_true", help="deliver everything due now, exit 0")
     relay.add_argument(
         "--import",
         dest="imports",
@@ -144,15 +246,32 @@ def _build_parser(app_commands: dict[str, AppCommand]) -> argparse.ArgumentParse
         metavar="MODULE",
         help="import MODULE first, so its @outbox.handler(...) functions are registered",
     )
-    relay.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
-    relay.add_argument("--metrics-host", default="127.0.0.1")
+    relay.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port (default: none served)",
+    )
+    relay.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address the metrics server binds",
+    )
     relay.add_argument(
         "--retention",
         type=_duration,
         default=None,
-        help="delete sent messages older than this (e.g. 7d), in small batches",
+        metavar="DURATION",
+        help="delete sent messages older than this (30s, 15m, 12h, 7d) every 5 minutes, in "
+        "small batches (default: keep them)",
     )
-    relay.add_argument("--log-format", choices=["text", "json"], default="text")
+    relay.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="text lines for people, JSON lines for log pipelines",
+    )
 
     sub.add_parser(
         "migrate",
@@ -163,26 +282,57 @@ def _build_parser(app_commands: dict[str, AppCommand]) -> argparse.ArgumentParse
     status = sub.add_parser("status", help="count pending, retrying, dead and sent messages")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
 
-    dead = sub.add_parser("dead", help="list dead messages and why they died")
-    dead.add_argument("--limit", type=_positive_int, default=50)
+    dead = sub.add_parser("dead", help="list dead messages: for whom, and why they died")
+    dead.add_argument(
+        "--limit",
+        type=_positive_int,
+        default=50,
+        metavar="N",
+        help="show at most this many, newest first",
+    )
     dead.add_argument("--json", action="store_true", help="print JSON for scripts")
 
+    show = sub.add_parser(
+        "show",
+        help="one message: payload, attempts, last error, result, Message-ID, timestamps",
+    )
+    show.add_argument(
+        "ref",
+        type=_message_ref,
+        metavar="ID",
+        help="the message's id (as outbox dead lists it) or its UUID / Message-ID",
+    )
+    show.add_argument("--json", action="store_true", help="print JSON for scripts")
+
     retry = sub.add_parser("retry", help="make dead messages due again")
-    retry.add_argument("ids", nargs="*", type=_positive_int, metavar="ID")
-    retry.add_argument("--all-dead", action="store_true")
+    retry.add_argument(
+        "ids", nargs="*", type=_positive_int, metavar="ID", help="ids of dead messages"
+    )
+    retry.add_argument("--all-dead", action="store_true", help="every dead message")
 
     purge = sub.add_parser("purge", help="delete sent messages older than a duration")
-    purge.add_argument("--older-than", type=_duration, required=True, metavar="DURATION")
+    purge.add_argument(
+        "--older-than",
+        type=_duration,
+        required=True,
+        metavar="DURATION",
+        help="delete those sent longer ago than this; with its unit: 30s, 15m, 12h or 7d "
+        "(a plain number is refused)",
+    )
 
     discard = sub.add_parser("discard", help="delete dead messages (and nothing else)")
-    discard.add_argument("ids", nargs="*", type=_positive_int, metavar="ID")
+    discard.add_argument("ids", nargs="*", type=_positive_int, metavar="ID", help="dead messages")
     discard.add_argument("--all-dead", action="store_true", help="every dead message")
 
     admin_cmd = sub.add_parser(
         "admin", help="serve the operator dashboard (needs ADMIN_PASSWORD) at /admin"
     )
-    admin_cmd.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
-    admin_cmd.add_argument("--port", type=int, default=8001, help="port to bind (8001)")
+    admin_cmd.add_argument("--host", default="127.0.0.1", help="address to bind")
+    admin_cmd.add_argument("--port", type=int, default=8001, help="port to bind")
+    for listed in sub._choices_actions:  # each command's --help opens with what it does
+        command_parser = sub.choices[listed.dest]
+        if command_parser.description is None and listed.help:
+            command_parser.description = listed.help[0].upper() + listed.help[1:] + "."
     return parser
 
 
@@ -231,7 +381,53 @@ def _cmd_dead(settings: Settings, args: argparse.Namespace) -> int:
     else:
         for row in rows:
             row["dead_at"] = row["dead_at"].isoformat(timespec="seconds")
-        _print_table(rows, ["id", "topic", "attempts", "dead_at", "last_error"])
+        _print_table(rows, ["id", "topic", "recipient", "attempts", "dead_at", "last_error"])
+    return 0
+
+
+# The order `outbox show` prints a message in: what and for whom, where it stands, why, when.
+_SHOW_FIRST = (
+    "id",
+    "state",
+    "topic",
+    "recipient",
+    "message_id",
+    "message_id_header",
+    "attempts",
+    "last_error",
+    "result",
+    "created_at",
+    "available_at",
+    "sent_at",
+    "dead_at",
+)
+
+
+def _cmd_show(settings: Settings, args: argparse.Namespace) -> int:
+    from outbox.mail import message_id_header
+
+    found = _run(lambda: _with_engine(settings, lambda e: admin.show(e, args.ref)))
+    if found is None:
+        print(f"outbox show: no message {args.ref}", file=sys.stderr)
+        return 1
+    if found["topic"] == "email":  # the header a receiver sees, to find it in a mail log
+        found["message_id_header"] = message_id_header(found["message_id"], settings.mail_from)
+    if args.json:
+        print(json.dumps(found, default=str, indent=2))
+        return 0
+    payload = found.pop("payload")
+    keys = [k for k in _SHOW_FIRST if k in found]
+    keys += [k for k in found if k not in keys]
+    for key in keys:
+        value = found[key]
+        if value is None:
+            value = "-"
+        elif hasattr(value, "isoformat"):
+            value = value.isoformat(timespec="seconds")
+        print(f"{key:<20}{value}")
+    print("payload")
+    for line in json.dumps(payload, indent=2, ensure_ascii=False).splitlines():
+        print(f"  {line}")
     return 0
 
 
@@ -255,7 +451,7 @@ def _cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
     deleted = _run(
         lambda: _with_engine(settings, lambda e: admin.purge(e, older_than=args.older_than))
     )
-    print(f"deleted {deleted} sent message(s) older than {args.older_than}")
+    print(f"deleted {deleted} sent message(s) older than {admin.format_duration(args.older_than)}")
     return 0
 
 
@@ -336,13 +532,13 @@ def _cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
         lease=args.lease,
         max_bytes_in_flight=args.max_bytes_in_flight,
     )
-    settings.require("database_url")
     sys.path.insert(0, ".")
     for module in args.imports:
         try:
             importlib.import_module(module)
         except ImportError as exc:
             raise UsageError(f"--import {module}: {exc}") from None
+    _require_relay_settings(settings)
     logs.configure(args.log_format)
     _run(
         lambda: serve_relay(
@@ -358,11 +554,31 @@ def _cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_relay_settings(settings: Settings) -> None:
+    """Name everything the relay lacks in one line: DATABASE_URL, and SMTP_URL when no
+    ``--import`` brought a handler (such a relay would serve no topic and deliver nothing)."""
+    from outbox.registry import default_registry
+
+    missing = ["DATABASE_URL"] if settings.database_url is None else []
+    if settings.smtp_url is None and not default_registry.topics:
+        missing.append("SMTP_URL")
+    if not missing:
+        return
+    verb = "is" if len(missing) == 1 else "are"
+    hint = (
+        " (or --import a module with @outbox.handler functions instead of SMTP_URL)"
+        if "SMTP_URL" in missing
+        else " (set in the environment)"
+    )
+    raise ConfigError(f"{' and '.join(missing)} {verb} required{hint}")
+
+
 COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "relay": _cmd_relay,
     "migrate": _cmd_migrate,
     "status": _cmd_status,
     "dead": _cmd_dead,
+    "show": _cmd_show,
     "retry": _cmd_retry,
     "purge": _cmd_purge,
     "discard": _cmd_discard,
@@ -388,9 +604,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, UsageError) as exc:
         print(f"outbox {args.command}: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except NotMigratedError as exc:
+        print(f"outbox {args.command}: {_one_line(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
+        missing_table = _missing_schema(exc)
+        if missing_table is not None:
+            print(
+                f"outbox {args.command}: database not migrated ({missing_table}): "
+                "run `outbox migrate`",
+                file=sys.stderr,
+            )
+            return 1
         if _is_database_unreachable(exc):
             print(
                 f"outbox {args.command}: cannot reach the database: {_one_line(exc)}",
@@ -404,6 +631,12 @@ def _is_database_unreachable(exc: BaseException) -> bool:
     from outbox.dberrors import is_connection_error
 
     return is_connection_error(exc)
+
+
+def _missing_schema(exc: BaseException) -> str | None:
+    from outbox.dberrors import missing_schema
+
+    return missing_schema(exc)
 
 
 def entrypoint() -> None:

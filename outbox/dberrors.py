@@ -94,3 +94,23 @@ def drops_session(exc: BaseException) -> bool:
     if state is None:
         return is_connection_error(exc)
     return state.startswith("08") or state in _DROP_SESSION
+
+
+# SQLSTATE 42P01 (undefined_table) and 42703 (undefined_column): the statement names a table or
+# a column the database does not have, i.e. its schema is older than the code (or absent).
+SCHEMA_BEHIND = frozenset({"42P01", "42703"})
+
+
+def missing_schema(exc: BaseException) -> str | None:
+    """The server's "relation/column ... does not exist" message when ``exc`` (or what it wraps)
+    says the schema is missing or behind, else ``None``: on a database nobody migrated every
+    statement fails that way, and the operator needs "run outbox migrate", not a traceback."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, psycopg.Error) and current.sqlstate in SCHEMA_BEHIND:
+            return current.diag.message_primary or str(current).splitlines()[0]
+        orig = getattr(current, "orig", None)
+        current = orig if isinstance(orig, BaseException) else current.__cause__
+    return None

@@ -36,3 +36,7 @@ class PermanentSendError(SendError):
 
 class UnknownTopicError(PermanentSendError):
     """No handler is registered for this topic."""
+
+
+class NotMigratedError(OutboxError):
+    """The database is not migrated: run `outbox migrate`."""

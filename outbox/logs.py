@@ -1,9 +1,19 @@
-"""Log set-up for the CLI: readable lines for people, JSON lines for log pipelines."""
+"""Log set-up for the CLI: readable lines for people, JSON lines for log pipelines.
+
+One event is one line. Database drivers put newlines in their errors (libpq's "Is the server
+running ...?" hint, SQLAlchemy's "Background on this error at ..." link), so a database outage
+used to print each reconnect attempt over three or four lines, which breaks grep, journald and
+log shippers that split on newlines. The formatters fold such messages onto one line, and print a
+connection error's one-line description instead of its traceback: an outage is expected
+operation, retried by the relay, not a bug to debug. Other exceptions (a handler's bug) keep
+their traceback.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from datetime import UTC, datetime
@@ -33,12 +43,46 @@ def json_line(stamp: str, level: str, name: str, message: str, fields: dict[str,
     return json.dumps(entry, default=str)
 
 
+# SQLAlchemy appends this to every error it wraps; a link is noise in a log line.
+_BACKGROUND = re.compile(r"\s*\(Background on this error at: [^)]*\)")
+
+
+def fold(text: str) -> str:
+    """``text`` on one line: its lines stripped and joined by spaces, SQLAlchemy's link left out."""
+    if "\n" not in text:
+        return text
+    text = _BACKGROUND.sub("", text)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _message(record: logging.LogRecord) -> str:
+    return fold(record.getMessage())
+
+
+def _connection_error(record: logging.LogRecord) -> BaseException | None:
+    """The record's exception when reconnecting can heal it (the database went away)."""
+    if not record.exc_info or record.exc_info[1] is None:
+        return None
+    from outbox.dberrors import is_connection_error  # not at import time: it imports drivers
+
+    exc = record.exc_info[1]
+    return exc if is_connection_error(exc) else None
+
+
+def describe_briefly(exc: BaseException) -> str:
+    """``OperationalError: connection failed: ...``: the exception's type and message, folded."""
+    return fold(f"{type(exc).__name__}: {exc}")
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = text_line(
-            text_stamp(record.created), record.levelname, record.name, record.getMessage()
+            text_stamp(record.created), record.levelname, record.name, _message(record)
         )
-        if record.exc_info:
+        connection_error = _connection_error(record)
+        if connection_error is not None:
+            line += f": {describe_briefly(connection_error)}"
+        elif record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
 
@@ -46,10 +90,13 @@ class TextFormatter(logging.Formatter):
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields = {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
-        if record.exc_info:
+        connection_error = _connection_error(record)
+        if connection_error is not None:
+            fields["exc"] = describe_briefly(connection_error)
+        elif record.exc_info:
             fields["exc"] = self.formatException(record.exc_info)
         return json_line(
-            json_stamp(record.created), record.levelname, record.name, record.getMessage(), fields
+            json_stamp(record.created), record.levelname, record.name, _message(record), fields
         )
 
 

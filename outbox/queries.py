@@ -741,3 +741,18 @@ async def delete_dead(
     params = {"ids": list(ids), "all_dead": all_dead, "dead_until": dead_until}
     result = await conn.execute(DELETE_DEAD, params)
     return sorted(row[0] for row in result)
+
+
+# --- MISSING_TABLES ---------------------------------------------------------------------------
+# Which of :names the database lacks: the CLI, the relay and /healthz ask before they rely on a
+# table, so an unmigrated database is "run outbox migrate", not a traceback or a bare 500 later.
+# to_regclass resolves a name through search_path as the queries do, needs no privilege on the
+# table (the least-privilege web role may not SELECT from outbox) and answers from the catalogue.
+MISSING_TABLES = text(
+    "SELECT name FROM unnest(CAST(:names AS text[])) AS name WHERE to_regclass(name) IS NULL"
+)
+
+
+async def missing_tables(conn: AsyncConnection, names: Sequence[str]) -> list[str]:
+    result = await conn.execute(MISSING_TABLES, {"names": list(names)})
+    return [row[0] for row in result]

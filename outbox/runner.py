@@ -13,10 +13,13 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 from prometheus_client import start_http_server
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from outbox import admin
+from outbox import admin, migrate, queries
 from outbox.db import create_engine, engine_libpq_url
+from outbox.dberrors import is_connection_error
+from outbox.errors import ConfigError, NotMigratedError
 from outbox.registry import HandlerRegistry, default_registry
 from outbox.relay import BatchResult, Relay, RelayConfig
 from outbox.settings import Settings, libpq_url
@@ -99,6 +102,55 @@ async def _purge_forever(relay: Relay, retention: timedelta) -> None:
         await asyncio.sleep(PURGE_EVERY_S)
 
 
+async def _check_migrated(relay: Relay) -> None:
+    """Refuse to start on a database without the outbox table, or with an older schema than this
+    code's (a deploy that skipped ``outbox migrate``): one line, run outbox migrate.
+
+    A database that does not answer is not refused: the relay waits for it with backoff, as it
+    does for any outage, so relays may start before their database. A role that may not read
+    the version table (least privilege) skips that half of the check.
+    """
+    try:
+        async with relay.engine.connect() as conn:
+            missing = await queries.missing_tables(conn, ["outbox"])
+            applied = set() if missing else await _applied_versions(conn)
+    except Exception as exc:
+        if is_connection_error(exc):
+            return
+        raise
+    if missing:
+        raise NotMigratedError(
+            "database not migrated ("
+            + ", ".join(f'relation "{name}" does not exist' for name in missing)
+            + "): run `outbox migrate`"
+        )
+    if applied and max(applied) < migrate.HEAD:
+        raise NotMigratedError(
+            f"database schema is behind this outbox (version {max(applied)}, this code needs "
+            f"{migrate.HEAD}): run `outbox migrate`"
+        )
+
+
+async def _applied_versions(conn: AsyncConnection) -> set[int]:
+    try:
+        async with conn.begin_nested():  # a refusal must not abort the enclosing transaction
+            return await conn.run_sync(migrate.applied_versions)
+    except DBAPIError as exc:
+        if is_connection_error(exc):
+            raise
+        return set()
+
+
+def _serve_metrics(port: int, host: str, relay: Relay) -> None:
+    try:
+        start_http_server(port, addr=host, registry=relay.metrics.registry)
+    except OSError as exc:  # most often: another relay on this machine has the port
+        reason = exc.strerror or str(exc)
+        raise ConfigError(
+            f"--metrics-port {port}: cannot listen on {host}:{port}: {reason}"
+        ) from None
+
+
 async def serve_relay(
     settings: Settings,
     config: RelayConfig,
@@ -116,8 +168,9 @@ async def serve_relay(
     """
     settle_log = StreamSettleLog(sys.stderr, log_format)
     async with open_relay(settings, config, settle_log=settle_log) as relay:
+        await _check_migrated(relay)
         if metrics_port is not None:
-            start_http_server(metrics_port, addr=metrics_host, registry=relay.metrics.registry)
+            _serve_metrics(metrics_port, metrics_host, relay)
         with on_stop(relay.stop):
             if once:
                 result = await relay.drain()

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
+from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute
 
 from outbox.db import create_engine
+from outbox.dberrors import missing_schema
 from web.csrf import is_https
 from web.headers import SecurityHeadersMiddleware
 from web.metrics import Metrics, MetricsMiddleware
@@ -29,6 +34,25 @@ from web.settings import Settings
 from web.state import AppState
 
 APPLICATION_NAME = "outbox-web"
+logger = logging.getLogger(__name__)
+
+
+async def _not_migrated(request: Request, exc: Exception) -> Response:
+    """A request that hit a missing table: 503 (the service is not ready, /healthz says why)
+    and one log line for the operator, instead of a bare 500 and a traceback per request."""
+    missing = missing_schema(exc)
+    if missing is None:
+        raise exc
+    logger.error(
+        "database not migrated (%s): run alembic upgrade head",
+        missing,
+        extra={"action": "check_schema"},
+    )
+    return PlainTextResponse(
+        "Service unavailable: please try again later.",
+        status_code=503,
+        headers={"Retry-After": "60"},
+    )
 
 
 def create_app(
@@ -86,6 +110,7 @@ def create_app(
             Middleware(SecurityHeadersMiddleware, https=is_https(settings)),
             Middleware(MetricsMiddleware, metrics=metrics),
         ],
+        exception_handlers={ProgrammingError: _not_migrated},
         lifespan=lifespan,
     )
     # A request for /users/register/ would be redirected to an absolute URL built from the Host

@@ -28,8 +28,8 @@ class WebCommand:
     help = "serve the signup app with uvicorn"
 
     def configure(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
-        parser.add_argument("--port", type=_port, default=8000, help="port to bind (8000)")
+        parser.add_argument("--host", default="127.0.0.1", help="address to bind")
+        parser.add_argument("--port", type=_port, default=8000, help="port to bind")
         parser.add_argument(
             "--workers",
             type=int,
@@ -41,14 +41,12 @@ class WebCommand:
             type=_port,
             help="serve /metrics on this port only, not on the app's port (default: the app's)",
         )
-        parser.add_argument(
-            "--metrics-host", default="127.0.0.1", help="address of --metrics-port (127.0.0.1)"
-        )
+        parser.add_argument("--metrics-host", default="127.0.0.1", help="address of --metrics-port")
         parser.add_argument(
             "--client-timeout",
             type=float,
             default=10.0,
-            help="seconds a client gets to send its headers, and again its body (10)",
+            help="seconds a client gets to send its headers, and again its body",
         )
 
     def run(self, args: argparse.Namespace) -> int:
@@ -79,10 +77,12 @@ class DevCommand:
     help = "run everything locally: embedded PostgreSQL, mail capture, the app and a relay"
 
     def configure(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
-        parser.add_argument("--port", type=_port, default=8000, help="port to bind (8000)")
+        parser.add_argument("--host", default="127.0.0.1", help="address to bind")
+        parser.add_argument("--port", type=_port, default=8000, help="port to bind")
         parser.add_argument(
-            "--data-dir", default=".outbox", help="where dev keeps its data (.outbox)"
+            "--data-dir",
+            default=".outbox",
+            help="where dev keeps its database, secret key and lock; one outbox dev at a time",
         )
 
     def run(self, args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from outbox.db import create_engine
 from outbox.relay import RelayConfig
 from outbox.runner import open_relay
 from outbox.signals import on_stop
-from web import migrate
+from web import devlock, migrate
 from web.app import create_app
 from web.capture import CaptureServer, free_port
 from web.devmail import dev_mail_routes
@@ -60,8 +60,17 @@ def _embedded_postgres(data: Path) -> Any:
     import pgserver
 
     logging.getLogger("pgserver").setLevel(logging.WARNING)  # its INFO lines are for debugging
-    print("starting embedded PostgreSQL in", data / "pgdata", "...", file=sys.stderr)
-    return pgserver.get_server(str((data / "pgdata").resolve()), cleanup_mode="stop")
+    pgdata = data / "pgdata"
+    orphan = devlock.orphaned_postgres(pgdata) if pgdata.exists() else None
+    if orphan is not None:
+        print(
+            f"found the embedded PostgreSQL (pid {orphan}) of an outbox dev that did not stop; "
+            "using it, and stopping it on exit",
+            file=sys.stderr,
+        )
+    else:
+        print("starting embedded PostgreSQL in", pgdata, "...", file=sys.stderr)
+    return pgserver.get_server(str(pgdata.resolve()), cleanup_mode="stop")
 
 
 async def _serve(settings: Settings, capture: CaptureServer | None, host: str, port: int) -> None:
@@ -105,9 +114,10 @@ async def _serve_app(
                 if capture is not None:
                     print(f"  captured mail:         {settings.base_url}/dev/mail", flush=True)
                 print(f"  the queue (dashboard): {settings.base_url}/admin", flush=True)
+                database_url = outbox_settings.libpq_url(settings.database_url or "")
                 print(
-                    f"  database:              DATABASE_URL='{settings.database_url}'\n"
-                    "                         (set it to run outbox status, dead, retry ...)",
+                    f"  database:              export DATABASE_URL='{database_url}'\n"
+                    "                         then, in that shell: outbox status (dead, show ...)",
                     flush=True,
                 )
                 print("  press Ctrl-C to stop\n", flush=True)
@@ -123,9 +133,11 @@ async def _serve_app(
 def run_dev(settings: Settings, *, host: str, port: int, data_dir: str) -> int:
     data = Path(data_dir)
     data.mkdir(parents=True, exist_ok=True)
+    lock = devlock.claim_data_dir(data, url=f"http://{host}:{port}")
     pg = None
     capture = None
     try:
+        devlock.check_port_free(host, port)
         if settings.database_url is None:
             pg = _embedded_postgres(data)
             settings = settings.with_overrides(database_url=pg.get_uri())
@@ -145,3 +157,4 @@ def run_dev(settings: Settings, *, host: str, port: int, data_dir: str) -> int:
             capture.stop()
         if pg is not None:
             pg.cleanup()
+        lock.close()  # only now: a next outbox dev must not find our PostgreSQL still stopping

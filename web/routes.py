@@ -13,18 +13,19 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import NoReturn
 
-from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from outbox.queries import missing_tables
 from web import csrf, forms, pages, ratelimit, signup
 from web.forms import FieldError, Submission
 from web.metrics import CONTENT_TYPE
 from web.openapi import DOCUMENT
 from web.passwords import HashingBusyError, hash_password
 from web.state import AppState
+from web.tables import metadata as app_tables
 from web.tokens import TokenClaims, TokenExpiredError, TokenInvalidError, read_token
 from web.users import find_by_token, mark_verified
 
@@ -34,6 +35,8 @@ SUCCESS_PATH = "/users/register/success"
 # /healthz answers within this bound even when the database hangs (a load balancer's probe must
 # get an answer, not a timeout of its own).
 HEALTHZ_TIMEOUT_S = 2.0
+# Every table the app reads or writes: the library's and the app's own (web.tables).
+SCHEMA_TABLES = ("outbox", *sorted(app_tables.tables))
 _SENT = {"status": "verification_sent"}
 _EXPIRED_FORM = "This form has expired. Please try again."
 _TOO_MANY = "Too many requests. Please wait a while and try again."
@@ -298,18 +301,24 @@ def _json_token_error(status: int) -> Response:
 
 
 async def healthz(request: Request[AppState]) -> Response:
-    """200 when ``SELECT 1`` answers within HEALTHZ_TIMEOUT_S, 503 otherwise."""
+    """200 when the database answers within HEALTHZ_TIMEOUT_S and has the app's tables, 503 with
+    a ``reason`` otherwise: an unmigrated database would fail every signup, so the server is not
+    healthy just because ``SELECT 1`` works."""
     try:
         async with asyncio.timeout(HEALTHZ_TIMEOUT_S):
             async with request.state["engine"].connect() as conn:
-                await conn.execute(text("SELECT 1"))
+                missing = await missing_tables(conn, SCHEMA_TABLES)
     except (TimeoutError, OSError, SQLAlchemyError) as exc:
         logger.warning(
             "database health check failed: %s",
             type(exc).__name__,
             extra={"action": "check_health"},
         )
-        return JSONResponse({"status": "unavailable"}, status_code=503)
+        reason = f"database unreachable ({type(exc).__name__})"
+        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+    if missing:
+        reason = f"database not migrated (no table {', '.join(missing)}): run alembic upgrade head"
+        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 

@@ -597,7 +597,8 @@ async def test_healthz_503_when_database_refuses_connections() -> None:
     async with serve(settings) as client:
         response = await client.get("/healthz")
 
-    assert (response.status_code, response.json()) == (503, {"status": "unavailable"})
+    assert (response.status_code, response.json()["status"]) == (503, "unavailable")
+    assert response.json()["reason"].startswith("database unreachable")
 
 
 @pytest.fixture
