@@ -49,7 +49,7 @@ from outbox.errors import AmbiguousSendError, ConfigError, SendError
 from outbox.listener import Listener
 from outbox.metrics import RelayMetrics
 from outbox.outcome import Dead, Outcome, Retry, Sent, classify, describe, stored_result
-from outbox.ownership import OwnerSession
+from outbox.ownership import LeaseOnlyOwner, OwnerSession
 from outbox.queries import Claimed, ClaimOwner
 from outbox.registry import HandlerRegistry
 from outbox.settlelog import LoggingSettleLog, SettledLine, SettleLog
@@ -209,7 +209,11 @@ class Relay:
     ``clock`` returns the time the queries use; ``None`` (the default) means the database's own
     clock. ``rng`` drives the backoff jitter. Both are injectable so tests never sleep.
     ``listen_dsn`` is a direct (not pooled) libpq URL for LISTEN and for the owner lock; without
-    it the relay takes the engine's URL for the owner lock and polls.
+    it the relay takes the engine's URL for the owner lock and polls. ``pooled``: the engine goes
+    through PgBouncer's transaction pooling, where a session lock means nothing (the server
+    session that took it serves other clients and outlives ours, and another relay's probe may
+    even run in it and take it again): without ``listen_dsn`` the relay then holds no owner lock,
+    and the messages of a relay that died come back when their lease runs out.
     """
 
     def __init__(
@@ -221,6 +225,7 @@ class Relay:
         clock: Callable[[], datetime] | None = None,
         rng: random.Random | None = None,
         listen_dsn: str | None = None,
+        pooled: bool = False,
         metrics: RelayMetrics | None = None,
         settle_log: SettleLog | None = None,
     ) -> None:
@@ -230,6 +235,7 @@ class Relay:
         self._clock = clock
         self._rng = rng or random.Random()
         self._listen_dsn = listen_dsn
+        self._pooled = pooled
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self.listener: Listener | None = None
@@ -764,11 +770,11 @@ class Relay:
     async def _keep_owner(self) -> None:
         """Hold an owner lock (a new owner id per session), and rescue once a second."""
         failures = 0
-        dsn = self._listen_dsn or engine_libpq_url(self.engine)
+        dsn = self._listen_dsn or (None if self._pooled else engine_libpq_url(self.engine))
         while True:
-            session: OwnerSession | None = None
+            session: OwnerSession | LeaseOnlyOwner | None = None
             try:
-                session = await OwnerSession.open(dsn)
+                session = await OwnerSession.open(dsn) if dsn is not None else LeaseOnlyOwner()
                 self._owner = session.owner
                 if failures:
                     logger.info("owner lock taken again", extra={"action": "owner_lock_up"})
@@ -791,7 +797,7 @@ class Relay:
                     with contextlib.suppress(Exception):
                         await session.close()
 
-    async def _rescue(self, session: OwnerSession) -> None:
+    async def _rescue(self, session: OwnerSession | LeaseOnlyOwner) -> None:
         """One rescuer tick: rows of dead owners due now, rows out of attempts dead, and the
         producer told when abandoned rows wait. Raises if the lock session itself is lost."""
         mine = {session.owner} | {job.owner for job in self._held.values()}

@@ -63,7 +63,12 @@ async def open_relay(
         builtin.register(EMAIL_TOPIC, sender)
     handlers = builtin.merged(default_registry).merged(registry or HandlerRegistry())
     relay = Relay(
-        engine, handlers, config, listen_dsn=listen_dsn(settings, engine), settle_log=settle_log
+        engine,
+        handlers,
+        config,
+        listen_dsn=listen_dsn(settings, engine),
+        pooled=settings.behind_pgbouncer,
+        settle_log=settle_log,
     )
     try:
         yield relay

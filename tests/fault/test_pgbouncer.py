@@ -63,6 +63,12 @@ async def _enqueue_all(engines: list[AsyncEngine], numbers: range) -> list[str]:
     return errors
 
 
+_ADVISORY_LOCKS = (
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+)
+
+
 async def test_relays_and_enqueue_through_pgbouncer_deliver_everything(
     db_url: str, pgbouncer: PgBouncer, smtp_server: CaptureServer, relays: RelayFactory
 ) -> None:
@@ -75,6 +81,9 @@ async def test_relays_and_enqueue_through_pgbouncer_deliver_everything(
     running = [relays.start(pooled, smtp_server.url, "--poll-interval", "0.2") for _ in range(2)]
     for relay in running:
         relay.wait_started()
+    # No owner lock through the pooler: it would outlive the relay on a pooled server session,
+    # and another relay's probe could take it again there (messages come back by their lease).
+    assert scalar(db_url, _ADVISORY_LOCKS) == 0
     # A user's engine: psycopg's defaults (prepare_threshold=5), no marker on its URL.
     plain = create_async_engine(
         normalise_database_url(pgbouncer.url(db_url, marker=False)), pool_size=8
@@ -128,6 +137,7 @@ async def test_relay_behind_pgbouncer_listens_on_the_direct_url(
         "the relay's LISTEN session on the direct URL",
         alive=[relay],
     )
+    wait_until(lambda: scalar(db_url, _ADVISORY_LOCKS) == 1, 10, "the owner lock, held directly")
     time.sleep(0.5)  # the first drain after start is done; what follows is NOTIFY's doing
     engine = create_engine(pgbouncer.url(db_url), application_name="outbox-test")
     try:
