@@ -61,6 +61,13 @@ async def status(engine: AsyncEngine, *, now: datetime | None = None) -> dict[st
         return await queries.count_by_status(conn, now=now)
 
 
+async def by_topic(engine: AsyncEngine, *, now: datetime | None = None) -> list[dict[str, Any]]:
+    """Pending, retrying and dead per topic, and sent in the last hour: a topic that no running
+    relay serves shows here as pending that only grows."""
+    async with engine.connect() as conn:
+        return await queries.count_by_topic(conn, now=now)
+
+
 async def list_dead(engine: AsyncEngine, *, limit: int = 50) -> list[dict[str, Any]]:
     """The most recently dead messages, newest first, with whom they were for and why they
     died."""

@@ -366,9 +366,15 @@ def _cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     counts = _run(lambda: _with_engine(settings, admin.status))
     if args.json:
         print(json.dumps(counts))
-    else:
-        for key, value in counts.items():
-            print(f"{key:<22}{value}")
+        return 0
+    for key, value in counts.items():
+        print(f"{key:<22}{value}")
+    topics = _run(lambda: _with_engine(settings, admin.by_topic))
+    if topics:
+        # Per topic: a topic whose pending count only grows has no relay serving it (each
+        # relay's start-up line names the topics it serves).
+        print()
+        _print_table(topics, ["topic", "pending", "retrying", "dead", "sent_last_hour"])
     return 0
 
 

@@ -50,7 +50,6 @@ class Listener:
         self._max_backoff = max_backoff
         self._rng = random.Random()
         self.connected = False
-        self.ready = asyncio.Event()
 
     def _set_state(self, connected: bool) -> None:
         if connected != self.connected:
@@ -71,7 +70,6 @@ class Listener:
                         logger.info("listen connection restored", extra={"action": "listen_up"})
                     failures = 0
                     self._set_state(True)
-                    self.ready.set()
                     self._wake.set()  # anything sent while we were not listening
                     async for _ in conn.notifies():
                         self._wake.set()

@@ -756,3 +756,42 @@ MISSING_TABLES = text(
 async def missing_tables(conn: AsyncConnection, names: Sequence[str]) -> list[str]:
     result = await conn.execute(MISSING_TABLES, {"names": list(names)})
     return [row[0] for row in result]
+
+
+# --- COUNT_BY_TOPIC ---------------------------------------------------------------------------
+# Per topic: pending and retrying (from ix_outbox_due), dead (ix_outbox_dead_at) and sent in the
+# last hour (a range of ix_outbox_sent_at). All-time sent counts per topic are left out on
+# purpose: they would read every sent row the table keeps.
+COUNT_BY_TOPIC = text(
+    """
+    WITH counts AS (
+        SELECT topic, count(*) FILTER (WHERE attempts = 0) AS pending,
+               count(*) FILTER (WHERE attempts > 0) AS retrying,
+               0 AS dead, 0 AS sent_last_hour
+        FROM outbox WHERE sent_at IS NULL AND dead_at IS NULL GROUP BY topic
+        UNION ALL
+        SELECT topic, 0, 0, count(*), 0
+        FROM outbox WHERE dead_at IS NOT NULL GROUP BY topic
+        UNION ALL
+        SELECT topic, 0, 0, 0, count(*)
+        FROM outbox
+        WHERE sent_at > coalesce(CAST(:now AS timestamptz), statement_timestamp())
+                        - interval '1 hour'
+        GROUP BY topic
+    )
+    SELECT topic, sum(pending) AS pending, sum(retrying) AS retrying, sum(dead) AS dead,
+           sum(sent_last_hour) AS sent_last_hour
+    FROM counts GROUP BY topic ORDER BY topic
+    """
+)
+
+
+async def count_by_topic(
+    conn: AsyncConnection, *, now: datetime | None = None
+) -> list[dict[str, Any]]:
+    rows = (await conn.execute(COUNT_BY_TOPIC, {"now": now})).mappings()
+    return [
+        {"topic": r["topic"], **{k: int(r[k]) for k in ("pending", "retrying", "dead")}}
+        | {"sent_last_hour": int(r["sent_last_hour"])}
+        for r in rows
+    ]

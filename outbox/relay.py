@@ -330,10 +330,6 @@ class Relay:
         self._stopping.set()
         self._slot_freed.set()
 
-    @property
-    def stopping(self) -> bool:
-        return self._stopping.is_set()
-
     # --- one run: the parts around the producer ----------------------------------------------
 
     async def _serve(

@@ -32,7 +32,7 @@ from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
-from outbox import admin
+from outbox import admin, queries as outbox_queries
 from outbox.dashboard import auth, queries
 from outbox.dashboard.chart import build_chart
 from outbox.dashboard.queries import Cursor, State
@@ -214,7 +214,7 @@ def create_dashboard(
     async def overview(request: Request[Any], session: auth.Session) -> Response:
         counts = await admin.status(engine)
         async with engine.connect() as conn:
-            topics = await queries.count_by_topic(conn)
+            topics = await outbox_queries.count_by_topic(conn)
             series = await queries.settled_per_minute(conn)
         return render(
             request,
@@ -247,7 +247,7 @@ def create_dashboard(
             found = await queries.list_messages(
                 conn, state=state, topic=topic or None, q=q or None, after=after
             )
-            topics = [row["topic"] for row in await queries.count_by_topic(conn)]
+            topics = [row["topic"] for row in await outbox_queries.count_by_topic(conn)]
         filters = {"state": state_text, "topic": topic, "q": q}
         kept = {k: v for k, v in filters.items() if v}
         next_link = None

@@ -159,33 +159,6 @@ DEAD_SUMMARY = text(
     """
 )
 
-# --- COUNT_BY_TOPIC ---------------------------------------------------------------------------
-# Per topic: pending and retrying (from ix_outbox_due), dead (ix_outbox_dead_at) and sent in the
-# last hour (a range of ix_outbox_sent_at). All-time sent counts per topic are left out on
-# purpose: they would read every sent row the table keeps.
-COUNT_BY_TOPIC = text(
-    """
-    WITH counts AS (
-        SELECT topic, count(*) FILTER (WHERE attempts = 0) AS pending,
-               count(*) FILTER (WHERE attempts > 0) AS retrying,
-               0 AS dead, 0 AS sent_last_hour
-        FROM outbox WHERE sent_at IS NULL AND dead_at IS NULL GROUP BY topic
-        UNION ALL
-        SELECT topic, 0, 0, count(*), 0
-        FROM outbox WHERE dead_at IS NOT NULL GROUP BY topic
-        UNION ALL
-        SELECT topic, 0, 0, 0, count(*)
-        FROM outbox
-        WHERE sent_at > coalesce(CAST(:now AS timestamptz), statement_timestamp())
-                        - interval '1 hour'
-        GROUP BY topic
-    )
-    SELECT topic, sum(pending) AS pending, sum(retrying) AS retrying, sum(dead) AS dead,
-           sum(sent_last_hour) AS sent_last_hour
-    FROM counts GROUP BY topic ORDER BY topic
-    """
-)
-
 # --- SETTLED_PER_MINUTE -----------------------------------------------------------------------
 # The chart: messages sent and messages that went dead, per minute, over the last hour (the
 # current minute and the 59 before it). Each half is a range scan of its partial timestamp
@@ -325,17 +298,6 @@ async def dead_summary(conn: AsyncConnection) -> tuple[int, datetime | None]:
     return int(row[0]), row[1]
 
 
-async def count_by_topic(
-    conn: AsyncConnection, *, now: datetime | None = None
-) -> list[dict[str, Any]]:
-    rows = (await conn.execute(COUNT_BY_TOPIC, {"now": now})).mappings()
-    return [
-        {"topic": r["topic"], **{k: int(r[k]) for k in ("pending", "retrying", "dead")}}
-        | {"sent_last_hour": int(r["sent_last_hour"])}
-        for r in rows
-    ]
-
-
 @dataclass(frozen=True, slots=True)
 class MinuteCounts:
     """Sent and dead counts of one minute (``minute`` is its start)."""
@@ -381,7 +343,6 @@ __all__: Sequence[str] = [
     "MinuteCounts",
     "Page",
     "State",
-    "count_by_topic",
     "dead_summary",
     "get_message",
     "list_messages",

@@ -237,3 +237,34 @@ def test_cli_relay_retention_purges_old_sent_rows_in_the_background(
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
     assert proc.returncode == 0
+
+
+def test_cli_relay_serves_only_its_topics_and_status_shows_the_rest(db_url: str) -> None:
+    """No SMTP_URL: the relay serves `welcome` only; `email` stays pending with no attempt
+    spent, and `outbox status` shows it per topic."""
+    insert_emails(db_url, 2)
+    with psycopg.connect(libpq_url(db_url)) as conn:
+        conn.execute("INSERT INTO outbox (topic, payload) VALUES ('welcome', '{\"user_id\": 7}')")
+
+    result = run_cli(
+        "relay",
+        "--once",
+        "--import",
+        "tests.acceptance.topic_handlers",
+        env=cli_env(DATABASE_URL=db_url),
+    )
+
+    assert result.returncode == 0, result.stderr
+    with psycopg.connect(libpq_url(db_url)) as conn:
+        rows = conn.execute(
+            "SELECT topic, attempts, sent_at IS NOT NULL, result FROM outbox ORDER BY id"
+        ).fetchall()
+    assert rows == [
+        ("email", 0, False, None),
+        ("email", 0, False, None),
+        ("welcome", 1, True, "welcomed 7"),
+    ]
+    status = run_cli("status", env=cli_env(DATABASE_URL=db_url))
+    lines = [line.split() for line in status.stdout.splitlines()]
+    assert ["email", "2", "0", "0", "0"] in lines
+    assert ["welcome", "0", "0", "0", "1"] in lines

@@ -144,7 +144,7 @@ def test_query_plan_dashboard_chart_reads_only_the_last_hour_of_both_indexes(
 
 
 def test_query_plan_dashboard_topic_counts_use_the_partial_indexes(big_engine: Engine) -> None:
-    plan = _plan(big_engine, queries.COUNT_BY_TOPIC, {"now": None})
+    plan = _plan(big_engine, outbox_queries.COUNT_BY_TOPIC, {"now": None})
     _walks(plan, "ix_outbox_due")
     assert "ix_outbox_dead_at" in plan and "Index Cond: (sent_at >" in plan, plan
 
