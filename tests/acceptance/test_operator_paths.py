@@ -362,7 +362,7 @@ def test_a_database_outage_logs_one_line_per_event(log_format: str) -> None:
         else:
             assert re.match(r"^\d\d:\d\d:\d\d (INFO|WARNING|ERROR)\s", line), line
     # The line still says what happened and what the relay does next.
-    assert "Connection refused" in reconnects[0] and "reconnecting in" in reconnects[0]
+    assert "Connection refused" in reconnects[0] and "retrying in" in reconnects[0]
 
 
 def test_version_names_the_installed_package() -> None:

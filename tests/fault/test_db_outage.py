@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import time
@@ -9,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 import pytest
 from sqlalchemy.engine import make_url
@@ -152,7 +154,9 @@ def own_server() -> Iterator[tuple[Any, str]]:
         migrate.upgrade_url(url)
         yield server, url
     finally:
-        server.cleanup()
+        # The test stopped the server; pgserver may then signal a postmaster that is gone.
+        with contextlib.suppress(psutil.NoSuchProcess):
+            server.cleanup()
         shutil.rmtree(top, ignore_errors=True)
 
 
