@@ -60,7 +60,7 @@ async def drain_once(
         took = time.perf_counter() - started
     finally:
         await engine.dispose()
-    return took, result.sent, result.retried, busy / (took * CONCURRENCY)
+    return took, result.sent, result.retrying, busy / (took * CONCURRENCY)
 
 
 def fresh_database(admin_url: str, messages: int = MESSAGES) -> str:

@@ -57,7 +57,8 @@ from outbox.watchdog import SendWatchdog
 
 logger = logging.getLogger(__name__)
 
-_OUTCOME_LABEL: dict[type, str] = {Sent: "sent", Retry: "retry", Dead: "dead"}
+# One vocabulary with `outbox status`: a message that failed and will be tried again is "retrying".
+_OUTCOME_LABEL: dict[type, str] = {Sent: "sent", Retry: "retrying", Dead: "dead"}
 
 DEFAULT_BATCH_SIZE = 100
 DEFAULT_CONCURRENCY = 16
@@ -141,7 +142,7 @@ class BatchResult:
 
     claimed: int = 0
     sent: int = 0
-    retried: int = 0
+    retrying: int = 0
     dead: int = 0
     released: int = 0  # claimed but never started (a stop): the attempt was given back
     refused: int = 0  # outcomes the fence refused: the row had been taken over meanwhile
@@ -718,8 +719,8 @@ class Relay:
             label = _OUTCOME_LABEL[type(outcome)]
             if label == "sent":
                 r.sent += 1
-            elif label == "retry":
-                r.retried += 1
+            elif label == "retrying":
+                r.retrying += 1
             else:
                 r.dead += 1
             lines.append(

@@ -182,7 +182,7 @@ async def serve_relay(
                 logger.info(
                     "drained: %d sent, %d to retry, %d dead",
                     result.sent,
-                    result.retried,
+                    result.retrying,
                     result.dead,
                     extra={"action": "drain", **vars(result)},
                 )

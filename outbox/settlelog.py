@@ -26,7 +26,7 @@ class SettledLine:
     outbox_id: int
     topic: str
     attempt: int
-    outcome: str  # "sent", "retry" or "dead"
+    outcome: str  # "sent", "retrying" or "dead" (the states of `outbox status`)
     duration_ms: float
     error: str | None
 

@@ -120,7 +120,7 @@ async def test_relay_451_is_retried_later_with_backoff(
 
     first = await relay.drain()
 
-    assert (first.claimed, first.retried) == (1, 1)
+    assert (first.claimed, first.retrying) == (1, 1)
     stored = await row(
         engine,
         "SELECT attempts, last_error, available_at, dead_at, sent_at FROM outbox",
@@ -166,7 +166,7 @@ async def test_relay_exhausted_attempts_are_dead_with_last_error(
     outcomes = []
     for _ in range(3):
         result = await relay.drain()
-        outcomes.append((result.retried, result.dead))
+        outcomes.append((result.retrying, result.dead))
         clock.advance(60)
 
     assert outcomes == [(1, 0), (1, 0), (0, 1)]
@@ -258,7 +258,7 @@ async def test_relay_timeout_after_body_is_ambiguous_and_others_keep_flowing(
 
     result = await relay.drain()
 
-    assert (result.sent, result.retried) == (4, 1)
+    assert (result.sent, result.retrying) == (4, 1)
     stored = await row(
         engine,
         "SELECT attempts, last_error FROM outbox WHERE payload->>'to' = 'user0@example.test'",
@@ -365,7 +365,7 @@ async def test_a_send_past_the_send_timeout_is_cut_off_and_retried_while_the_res
     result = await relay.run_once()
 
     assert loop.time() - began < 2.0
-    assert (result.sent, result.retried) == (5, 1)
+    assert (result.sent, result.retrying) == (5, 1)
     stored = await row(
         engine,
         "SELECT attempts, sent_at IS NULL AS unsent, last_error FROM outbox "
