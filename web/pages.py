@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.templating import Jinja2Templates
 
 from web import csrf
@@ -57,4 +58,36 @@ def render(
     return response
 
 
-__all__ = ["render", "templates"]
+def wants_html(request: Request[Any]) -> bool:
+    """A browser (its ``Accept`` names ``text/html``), as opposed to curl or an API client."""
+    return "text/html" in request.headers.get("accept", "").lower()
+
+
+async def http_error(request: Request[Any], exc: Exception) -> Response:
+    """Starlette's 404 and 405 (and any other ``HTTPException``): a page in the app's style for
+    a browser, a JSON error (DESIGN.md's ``{"error", "field"}``) for a client that asks for
+    JSON, the short plain-text answer for anything else. The status and the headers (a 405's
+    ``Allow``) are kept whichever the form."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code in {204, 304}:
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    if wants_html(request):
+        response = render(
+            request,
+            "http_error.html",
+            settings=request.state["settings"],
+            status_code=exc.status_code,
+            status=exc.status_code,
+        )
+        response.headers.update(exc.headers or {})
+        return response
+    if "application/json" in request.headers.get("accept", "").lower():
+        return JSONResponse(
+            {"error": exc.detail, "field": None},
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
+    return PlainTextResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
+
+
+__all__ = ["http_error", "render", "templates", "wants_html"]
