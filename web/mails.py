@@ -41,11 +41,14 @@ def verification_subject(settings: Settings) -> str:
 
 
 def _html(settings: Settings, paragraphs: list[str]) -> str:
+    """The HTML alternative. ``overflow-wrap: anywhere``: a link with its token has no place to
+    break, and unwrapped it makes the mail wider than a phone's screen."""
     body = "\n".join(f"<p>{p}</p>" for p in paragraphs)
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{escape(settings.site_name)}</title></head>\n"
-        f'<body style="font-family: sans-serif; line-height: 1.5">\n{body}\n</body></html>\n'
+        '<body style="font-family: sans-serif; line-height: 1.5; overflow-wrap: anywhere">\n'
+        f"{body}\n</body></html>\n"
     )
 
 

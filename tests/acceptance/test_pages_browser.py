@@ -164,6 +164,10 @@ def test_pages_fit_a_phone_follow_the_scheme_and_meet_aa(
                 page.goto(f"{base}/dev/mail/0")  # the real verification mail
                 frame = page.frame_locator("iframe.mail-html")
                 assert FIRST_LINE in frame.locator("p").first.inner_text()
+                # The mail's own HTML wraps its long link too: no sideways scroll in the frame.
+                mail_html = page.frame_locator("iframe.mail-html").locator("html")
+                assert mail_html.evaluate("e => e.scrollWidth <= e.clientWidth")
+                page.locator("iframe.mail-html").scroll_into_view_if_needed()  # painted in shot
                 _page_background_is(page, scheme)
                 _check_contrast(page, ["pre", "pre a", ".meta th", ".meta td"], failures, "mail")
                 _fits(page, tmp_path / f"dev-mail-0-{scheme}.png")
@@ -171,6 +175,7 @@ def test_pages_fit_a_phone_follow_the_scheme_and_meet_aa(
                 page.goto(f"{base}/dev/mail/1")  # the hostile one
                 frame = page.frame_locator("iframe.mail-html")
                 assert frame.locator("#status").inner_text() == "no script ran"
+                page.locator("iframe.mail-html").scroll_into_view_if_needed()
                 assert SCRIPT_MARK not in page.locator("body").inner_text()
                 assert page.url == f"{base}/dev/mail/1"  # its script did not move the page
                 _fits(page, tmp_path / f"dev-mail-1-{scheme}.png")
