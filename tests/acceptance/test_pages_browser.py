@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 import uvicorn
@@ -35,9 +35,12 @@ from web.devmail import dev_mail_routes
 from web.mails import FIRST_LINE, verification_mail
 from web.settings import Settings
 
+if TYPE_CHECKING:
+    from playwright.sync_api import ViewportSize
+
 pytestmark = pytest.mark.browser
 
-PHONE = {"width": 390, "height": 844}
+PHONE: ViewportSize = {"width": 390, "height": 844}
 
 # The colour of an element's text and of the first opaque background behind it.
 _COLOURS = """el => {
@@ -104,7 +107,7 @@ def _page_background_is(page: Any, scheme: str) -> None:
 
 @pytest.mark.parametrize("scheme", ["light", "dark"])
 def test_pages_fit_a_phone_follow_the_scheme_and_meet_aa(
-    db_url: str, tmp_path: Path, scheme: str
+    db_url: str, tmp_path: Path, scheme: Literal["light", "dark"]
 ) -> None:
     from playwright.sync_api import sync_playwright
 
