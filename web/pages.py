@@ -58,20 +58,26 @@ def render(
     return response
 
 
-def wants_html(request: Request[Any]) -> bool:
-    """A browser (its ``Accept`` names ``text/html``), as opposed to curl or an API client."""
-    return "text/html" in request.headers.get("accept", "").lower()
+def _accepts(request: Request[Any], media_type: str) -> bool:
+    return media_type in request.headers.get("accept", "").lower()
 
 
 async def http_error(request: Request[Any], exc: Exception) -> Response:
-    """Starlette's 404 and 405 (and any other ``HTTPException``): a page in the app's style for
-    a browser, a JSON error (DESIGN.md's ``{"error", "field"}``) for a client that asks for
-    JSON, the short plain-text answer for anything else. The status and the headers (a 405's
-    ``Allow``) are kept whichever the form."""
+    """Starlette's 404 and 405 (and any other ``HTTPException``): a JSON error (DESIGN.md's
+    ``{"error", "field"}``) for a client that asks for JSON, a page in the app's style for a
+    browser (its ``Accept`` names ``text/html``), the short plain-text answer for anything else
+    (curl). JSON is looked for first: API clients often accept HTML too, browsers never ask for
+    JSON. The status and the headers (a 405's ``Allow``) are kept whichever the form."""
     assert isinstance(exc, HTTPException)
     if exc.status_code in {204, 304}:
         return Response(status_code=exc.status_code, headers=exc.headers)
-    if wants_html(request):
+    if _accepts(request, "application/json"):
+        return JSONResponse(
+            {"error": exc.detail, "field": None},
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
+    if _accepts(request, "text/html"):
         response = render(
             request,
             "http_error.html",
@@ -81,13 +87,7 @@ async def http_error(request: Request[Any], exc: Exception) -> Response:
         )
         response.headers.update(exc.headers or {})
         return response
-    if "application/json" in request.headers.get("accept", "").lower():
-        return JSONResponse(
-            {"error": exc.detail, "field": None},
-            status_code=exc.status_code,
-            headers=exc.headers,
-        )
     return PlainTextResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
 
 
-__all__ = ["http_error", "render", "templates", "wants_html"]
+__all__ = ["http_error", "render", "templates"]

@@ -82,11 +82,13 @@ async def test_json_clients_get_json_errors_and_others_the_short_text(
     client: httpx.AsyncClient,
 ) -> None:
     missing = await client.get("/no/such/page", headers=API)
+    both = await client.get("/no/such/page", headers={"Accept": "application/json, text/html"})
     wrong = await client.put("/users/verify/resend", headers=API)
     plain = await client.get("/no/such/page")  # httpx sends Accept: */*, as curl does
 
     assert missing.status_code == 404
     assert missing.json() == {"error": "Not Found", "field": None}
+    assert both.status_code == 404 and both.json()["error"] == "Not Found"
     assert wrong.status_code == 405
     assert wrong.json() == {"error": "Method Not Allowed", "field": None}
     assert wrong.headers["allow"] == "POST"
