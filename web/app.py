@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -24,6 +25,7 @@ from starlette.routing import BaseRoute
 
 from outbox.db import create_engine
 from outbox.dberrors import missing_schema
+from web import pages
 from web.csrf import is_https
 from web.headers import SecurityHeadersMiddleware
 from web.metrics import Metrics, MetricsMiddleware
@@ -110,7 +112,7 @@ def create_app(
             Middleware(SecurityHeadersMiddleware, https=is_https(settings)),
             Middleware(MetricsMiddleware, metrics=metrics),
         ],
-        exception_handlers={ProgrammingError: _not_migrated},
+        exception_handlers={ProgrammingError: _not_migrated, HTTPException: pages.http_error},
         lifespan=lifespan,
     )
     # A request for /users/register/ would be redirected to an absolute URL built from the Host

@@ -2,87 +2,75 @@
 
 Mounted only by ``outbox dev`` (never by ``outbox web``): it shows every mail to anyone who can
 reach the server.
+
+The pages extend the app's base template, so they follow the browser's dark mode and its
+colours (checked for contrast by tests/unit/test_contrast.py), and fit a phone's width: long
+links and Message-IDs wrap instead of widening the page. A mail's HTML part is shown as the
+reader's client would show it, in an iframe whose ``srcdoc`` holds it and whose empty
+``sandbox`` runs none of its scripts, submits none of its forms and gives it no access to this
+page; the page's CSP (``default-src 'none'``, inherited by the frame) also keeps it from
+loading anything, as a tracking pixel would.
 """
 
 from __future__ import annotations
 
-import html
 import re
 
+from markupsafe import Markup, escape
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from web import pages
 from web.capture import CapturedMail, CaptureServer
 
 _URL = re.compile(r"https?://[^\s<>\"']+")
-
-_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{title}</title>
-<style>
-body {{ font: 16px/1.5 system-ui, sans-serif; max-width: 52rem; margin: 2rem auto;
-       padding: 0 1rem; color: #222; }}
-table {{ border-collapse: collapse; width: 100%; }}
-td, th {{ text-align: left; padding: .4rem .6rem; border-bottom: 1px solid #ddd; }}
-pre {{ white-space: pre-wrap; background: #f6f6f6; padding: 1rem; border-radius: 6px; }}
-.meta td:first-child {{ color: #666; width: 8rem; }}
-a {{ color: #0b5fff; }}
-</style></head><body>
-<p><a href="/dev/mail">All captured mail</a> · <a href="/users/register">Register</a></p>
-{body}
-</body></html>"""
+_META = ("From", "To", "Subject", "Date", "Message-ID")
 
 
-def _linkify(text: str) -> str:
+def _linkify(text: str) -> Markup:
     """Escape the text, then make its links clickable (the escaped link text is the target)."""
-    escaped = html.escape(text)
-    return _URL.sub(lambda m: f'<a href="{m.group(0)}">{m.group(0)}</a>', escaped)
+    escaped = str(escape(text))
+    return Markup(_URL.sub(lambda m: f'<a href="{m.group(0)}">{m.group(0)}</a>', escaped))
 
 
-def _text_body(mail: CapturedMail) -> str:
-    part = mail.message.get_body(preferencelist=("plain",))
-    return str(part.get_content()) if part is not None else ""
+def _part(mail: CapturedMail, kind: str) -> str | None:
+    """The mail's ``text/plain`` or ``text/html`` body, or ``None`` when it has none."""
+    part = mail.message.get_body(preferencelist=(kind,))
+    return str(part.get_content()) if part is not None else None
 
 
 def dev_mail_routes(capture: CaptureServer) -> list[BaseRoute]:
     async def index(request: Request) -> Response:
-        mails = list(enumerate(capture.mails))[::-1]
-        if not mails:
-            body = (
-                "<h1>Captured mail</h1><p>No mail yet. Register, and the relay sends it here.</p>"
-            )
-        else:
-            rows = "".join(
-                f'<tr><td><a href="/dev/mail/{i}">{html.escape(str(m.message["Subject"]))}</a>'
-                f"</td><td>{html.escape(', '.join(m.rcpt_tos))}</td>"
-                f"<td>{m.received_at:%H:%M:%S}</td></tr>"
-                for i, m in mails
-            )
-            body = (
-                "<h1>Captured mail</h1><table><tr><th>Subject</th><th>To</th><th>Received</th>"
-                f"</tr>{rows}</table>"
-            )
-        return HTMLResponse(_PAGE.format(title="Captured mail", body=body))
+        mails = [
+            (i, str(m.message["Subject"] or ""), ", ".join(m.rcpt_tos), f"{m.received_at:%H:%M:%S}")
+            for i, m in list(enumerate(capture.mails))[::-1]
+        ]
+        return pages.render(
+            request, "dev_mail.html", settings=request.state["settings"], mails=mails
+        )
 
     async def show(request: Request) -> Response:
         mails = capture.mails
         index_ = request.path_params["index"]
+        settings = request.state["settings"]
         if index_ >= len(mails):
-            body = "<h1>Not found</h1><p>No such mail (the capture keeps the latest 1,000).</p>"
-            return HTMLResponse(_PAGE.format(title="Not found", body=body), status_code=404)
+            return pages.render(
+                request, "dev_mail.html", settings=settings, status_code=404, missing=True
+            )
         mail = mails[index_]
-        msg = mail.message
-        meta = "".join(
-            f"<tr><td>{name}</td><td>{html.escape(str(msg[name] or ''))}</td></tr>"
-            for name in ("From", "To", "Subject", "Date", "Message-ID")
+        text = _part(mail, "plain")
+        return pages.render(
+            request,
+            "dev_mail.html",
+            settings=settings,
+            mail=mail,
+            meta=[(name, str(mail.message[name] or "")) for name in _META],
+            subject=str(mail.message["Subject"] or ""),
+            text=_linkify(text) if text is not None else None,
+            # Autoescaped into the attribute: the browser unescapes it into the frame's document.
+            html=_part(mail, "html"),
         )
-        body = (
-            f"<h1>{html.escape(str(msg['Subject']))}</h1>"
-            f'<table class="meta">{meta}</table><pre>{_linkify(_text_body(mail))}</pre>'
-        )
-        return HTMLResponse(_PAGE.format(title=html.escape(str(msg["Subject"])), body=body))
 
     return [
         Route("/dev/mail", index, methods=["GET"]),

@@ -1,4 +1,4 @@
-"""Read a POST body (form or JSON) safely, and turn it into validated input or one field error.
+"""Read a POST body (form or JSON) safely, and turn it into validated input or field errors.
 
 Everything a client sends is checked here, before any database or hashing work, so a bad request
 is always a 400/413/415 with a message and never a 500. The body is read with a hard byte limit
@@ -175,18 +175,29 @@ def parse_email(submission: Submission) -> str | FieldError:
     return checked.normalized
 
 
-def parse_signup(submission: Submission) -> SignupInput | FieldError:
-    """Validate email and password; the first problem found is the one reported."""
+def parse_signup(submission: Submission) -> SignupInput | list[FieldError]:
+    """Validate email and password; every problem is reported, in the form's field order.
+
+    Both fields are always checked, so a person who got both wrong sees both messages at once
+    instead of fixing one, submitting again and only then learning about the other.
+    """
+    errors: list[FieldError] = []
     email = parse_email(submission)
     if isinstance(email, FieldError):
-        return email
+        errors.append(email)
     password = _string_field(submission, "password", "Enter a password.")
     if isinstance(password, FieldError):
-        return password
-    if len(password) < PASSWORD_MIN:
-        return FieldError("password", f"Use at least {PASSWORD_MIN} characters for your password.")
-    if len(password) > PASSWORD_MAX:
-        return FieldError("password", f"Use at most {PASSWORD_MAX} characters for your password.")
+        errors.append(password)
+    elif len(password) < PASSWORD_MIN:
+        errors.append(
+            FieldError("password", f"Use at least {PASSWORD_MIN} characters for your password.")
+        )
+    elif len(password) > PASSWORD_MAX:
+        errors.append(
+            FieldError("password", f"Use at most {PASSWORD_MAX} characters for your password.")
+        )
+    if errors or isinstance(email, FieldError) or isinstance(password, FieldError):
+        return errors
     return SignupInput(email=email, password=password)
 
 

@@ -30,17 +30,25 @@ def resend_link(settings: Settings) -> str:
     return f"{settings.link_base}/users/register#resend"
 
 
+# The subject (the seed's) congratulates; the body's first line says what is still missing, so
+# nobody reads the subject, takes the account as done and never opens the link.
+FIRST_LINE = "One more step: confirm your email address to activate your account."
+
+
 def verification_subject(settings: Settings) -> str:
     """The subject the seed gives, word for word."""
     return f"Congratulations, you are a member of {settings.site_name} now."
 
 
 def _html(settings: Settings, paragraphs: list[str]) -> str:
+    """The HTML alternative. ``overflow-wrap: anywhere``: a link with its token has no place to
+    break, and unwrapped it makes the mail wider than a phone's screen."""
     body = "\n".join(f"<p>{p}</p>" for p in paragraphs)
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{escape(settings.site_name)}</title></head>\n"
-        f'<body style="font-family: sans-serif; line-height: 1.5">\n{body}\n</body></html>\n'
+        '<body style="font-family: sans-serif; line-height: 1.5; overflow-wrap: anywhere">\n'
+        f"{body}\n</body></html>\n"
     )
 
 
@@ -54,8 +62,8 @@ def verification_mail(settings: Settings, *, to: str, token: str) -> EmailPayloa
     link = verify_link(settings, token)
     site = settings.site_name
     text = (
-        f"Welcome to {site}!\n\n"
-        f"Please confirm your email address by opening this link:\n\n{link}\n\n"
+        f"{FIRST_LINE}\n\n"
+        f"Open this link to confirm it and finish signing up at {site}:\n\n{link}\n\n"
         f"The link works for {_hours(settings)}. If it has expired, ask for a new one at\n"
         f"{resend_link(settings)}\n\n"
         f"If you did not sign up at {site}, ignore this mail; nothing happens without a click.\n"
@@ -63,12 +71,12 @@ def verification_mail(settings: Settings, *, to: str, token: str) -> EmailPayloa
     html = _html(
         settings,
         [
-            f"Welcome to {escape(site)}!",
-            "Please confirm your email address:",
+            f"<strong>{escape(FIRST_LINE)}</strong>",
+            f"Open this link to confirm it and finish signing up at {escape(site)}:",
             f'<a href="{escape(link)}">Confirm my email address</a>',
             f"Or copy this link into your browser: {escape(link)}",
             f"The link works for {_hours(settings)}. If you did not sign up at "
-            f"{escape(site)}, ignore this mail.",
+            f"{escape(site)}, ignore this mail; nothing happens without a click.",
         ],
     )
     return {
@@ -117,6 +125,7 @@ def already_registered_mail(settings: Settings, *, to: str, token: str | None) -
 
 
 __all__ = [
+    "FIRST_LINE",
     "already_registered_mail",
     "already_registered_subject",
     "resend_link",

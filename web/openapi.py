@@ -18,6 +18,18 @@ _ERROR = {
             "type": ["string", "null"],
             "description": "The input field at fault, or null for the request as a whole.",
         },
+        "errors": {
+            "type": "array",
+            "description": "Every problem found, the first being the one in error and field.",
+            "items": {
+                "type": "object",
+                "required": ["error", "field"],
+                "properties": {
+                    "error": {"type": "string"},
+                    "field": {"type": ["string", "null"]},
+                },
+            },
+        },
     },
 }
 _ACCEPTED = {

@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.templating import Jinja2Templates
 
 from web import csrf
@@ -57,4 +58,36 @@ def render(
     return response
 
 
-__all__ = ["render", "templates"]
+def _accepts(request: Request[Any], media_type: str) -> bool:
+    return media_type in request.headers.get("accept", "").lower()
+
+
+async def http_error(request: Request[Any], exc: Exception) -> Response:
+    """Starlette's 404 and 405 (and any other ``HTTPException``): a JSON error (DESIGN.md's
+    ``{"error", "field"}``) for a client that asks for JSON, a page in the app's style for a
+    browser (its ``Accept`` names ``text/html``), the short plain-text answer for anything else
+    (curl). JSON is looked for first: API clients often accept HTML too, browsers never ask for
+    JSON. The status and the headers (a 405's ``Allow``) are kept whichever the form."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code in {204, 304}:
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    if _accepts(request, "application/json"):
+        return JSONResponse(
+            {"error": exc.detail, "field": None},
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
+    if _accepts(request, "text/html"):
+        response = render(
+            request,
+            "http_error.html",
+            settings=request.state["settings"],
+            status_code=exc.status_code,
+            status=exc.status_code,
+        )
+        response.headers.update(exc.headers or {})
+        return response
+    return PlainTextResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
+
+
+__all__ = ["http_error", "render", "templates"]

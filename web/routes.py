@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import NoReturn
 
@@ -40,6 +40,7 @@ SCHEMA_TABLES = ("outbox", *sorted(app_tables.tables))
 _SENT = {"status": "verification_sent"}
 _EXPIRED_FORM = "This form has expired. Please try again."
 _TOO_MANY = "Too many requests. Please wait a while and try again."
+_BAD_TOKEN = "The link is not valid (tampered, expired or replaced)."
 _BUSY = "The server is busy. Please try again in a moment."
 # Seconds a client is asked to wait when every password-hashing slot is taken.
 BUSY_RETRY_AFTER_S = 2
@@ -64,23 +65,37 @@ def _page(
 
 def _error(
     request: Request[AppState],
-    error: FieldError,
+    error: FieldError | Sequence[FieldError],
     *,
     status: int,
     as_json: bool,
     form: str,
     email: str = "",
 ) -> Response:
-    """A JSON error, or the register page again with the message next to the right form."""
+    """A JSON error, or the register page again with every message next to its field.
+
+    JSON keeps DESIGN.md's ``{"error", "field"}`` (the first problem) and adds ``"errors"``, the
+    list of all of them, so a client can show every one at once as the page does.
+    """
+    errors = [error] if isinstance(error, FieldError) else list(error)
+    first = errors[0]
     if as_json:
-        return JSONResponse({"error": error.message, "field": error.field}, status_code=status)
+        return JSONResponse(
+            {
+                "error": first.message,
+                "field": first.field,
+                "errors": [{"error": e.message, "field": e.field} for e in errors],
+            },
+            status_code=status,
+        )
     return _page(
         request,
         "register.html",
         status_code=status,
         form=form,
-        error=error.message,
-        field=error.field,
+        error=first.message,
+        field=first.field,
+        errors=errors,
         email=email,
     )
 
@@ -114,7 +129,11 @@ async def _read(request: Request[AppState], *, form: str) -> Submission:
 
 
 def _reject_invalid(
-    request: Request[AppState], submission: Submission, error: FieldError, *, form: str
+    request: Request[AppState],
+    submission: Submission,
+    error: FieldError | Sequence[FieldError],
+    *,
+    form: str,
 ) -> NoReturn:
     """A 400 for input that parsed but is not valid: the form again (with the address the user
     typed, never the password) or the JSON error."""
@@ -168,7 +187,7 @@ async def register(request: Request[AppState]) -> Response:
     try:
         submission = await _read(request, form="register")
         parsed = forms.parse_signup(submission)
-        if isinstance(parsed, FieldError):
+        if isinstance(parsed, list):
             _reject_invalid(request, submission, parsed, form="register")
         async with _hashing_place(request, submission):
             await _check_rate(
@@ -295,7 +314,11 @@ async def verify(request: Request[AppState]) -> Response:
 
 def _json_token_error(status: int) -> Response:
     return JSONResponse(
-        {"error": "The link is not valid (tampered, expired or replaced).", "field": "token"},
+        {
+            "error": _BAD_TOKEN,
+            "field": "token",
+            "errors": [{"error": _BAD_TOKEN, "field": "token"}],
+        },
         status_code=status,
     )
 
