@@ -58,7 +58,9 @@ def locale_db_url(request: pytest.FixtureRequest, pg_admin_url: str) -> Iterator
     url = _database_url(pg_admin_url, name)
     engine = create_engine(url)
     with engine.begin() as connection:
-        assert connection.execute(text("SHOW lc_ctype")).scalar_one() == locale
+        # The database's own LC_CTYPE (`SHOW lc_ctype` is gone in PostgreSQL 16).
+        ctype = "SELECT datctype FROM pg_database WHERE datname = current_database()"
+        assert connection.execute(text(ctype)).scalar_one() == locale
         migrate.upgrade(connection)
     engine.dispose()
     yield url
