@@ -550,18 +550,20 @@ NOTE = """What bounds each figure:
   (about 18 us a parse, 4 per mail, some 70 us of the ~350 us a mail costs a process); sending
   the envelope with already-validated addresses would save most of that (not done yet).
 - **No-op (item 3)**: the relay's per-message Python work, not PostgreSQL: the SQL ceiling runs
-  the same statements about twice as fast. What is left after the changes below: JSON decoding
-  of each payload by psycopg, building the row objects, a histogram observation and a settle
-  line per message, and one claim / settle / commit round trip per batch with the relay idle
-  meanwhile (no pipelining of the next claim). The peers are bound by a commit (a WAL flush) per job
-  (procrastinate), by RabbitMQ round trips and prefork hand-offs (Celery), or by their own
-  per-job Python work (pgqueuer).
+  the same statements faster. Since the claim commits on its own (attempt, owner and lease
+  stamped) and the completer settles outcomes in fenced transactions of their own, a batch costs
+  two short transactions instead of one long one; claims follow free workers, so they overlap
+  the sends. What is left: JSON decoding of each payload by psycopg, building the row objects,
+  a histogram observation and a settle line per message. The peers are bound by a commit (a WAL
+  flush) per job (procrastinate), by RabbitMQ round trips and prefork hand-offs (Celery), or by
+  their own per-job Python work (pgqueuer). The peers run with their default settings here (no
+  sweep of their processes, batch or pool yet): a sweep from outside got pgqueuer to about 2x
+  the no-op figure the previous page showed for it, so treat the ratios as an upper bound.
 - **Latency (item 5)**: at 100/s each message is a batch of its own: the wake-up through
-  LISTEN/NOTIFY, a claim, one SMTP round trip, then the settle and its commit (a WAL flush); a
-  message that arrives meanwhile waits for that commit. The tail moves a lot between runs on
-  this shared machine with the same code (p99 7.9 ms in one full run, 20.5 ms in another; an
-  A/B of the relay before and after this page's last changes, run side by side, gave the same
-  tail). At 1,000/s the producers and the relays share 2 cores with PostgreSQL.
+  LISTEN/NOTIFY, a claim (its own commit), one SMTP round trip, then the completer's settle (a
+  second commit, which the next claim does not wait for). The tail moves between runs on this
+  shared machine with the same code (earlier pages: p99 7.9 ms in one run, 20.5 ms in another).
+  At 1,000/s the producers and the relays share 2 cores with PostgreSQL.
 - **Scale (item 6)**: the claim walks the partial index `ix_outbox_due`, so a million kept sent
   rows cost little; up to 100,000 due rows the drain rate is the relay's per-message CPU, as in
   item 3. Draining a big queue leaves dead entries at the head of `ix_outbox_due` until VACUUM
