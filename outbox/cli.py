@@ -437,20 +437,29 @@ def _cmd_show(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
+def _on_dead(
+    settings: Settings,
+    args: argparse.Namespace,
+    action: Callable[..., Coroutine[Any, Any, list[int]]],
+    done: str,
+) -> int:
+    """``retry`` and ``discard``: IDs or ``--all-dead``; say what was done and which IDs were not
+    dead (exit 1 then: a mistyped ID is said, not silently ignored)."""
     if bool(args.ids) == bool(args.all_dead):
         raise UsageError("give message IDs or --all-dead (one of them)")
-    requeued = _run(
-        lambda: _with_engine(
-            settings, lambda e: admin.retry(e, ids=args.ids, all_dead=args.all_dead)
-        )
+    changed = _run(
+        lambda: _with_engine(settings, lambda e: action(e, ids=args.ids, all_dead=args.all_dead))
     )
-    missing = sorted(set(args.ids) - set(requeued))
-    print(f"requeued {len(requeued)} message(s)" + (f": {requeued}" if requeued else ""))
+    missing = sorted(set(args.ids) - set(changed))
+    print(done.format(len(changed)) + (f": {changed}" if changed else ""))
     if missing:
-        print(f"not dead or not found: {missing}", file=sys.stderr)
+        print(f"not dead or not found (left alone): {missing}", file=sys.stderr)
         return 1
     return 0
+
+
+def _cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
+    return _on_dead(settings, args, admin.retry, "requeued {} message(s)")
 
 
 def _cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
@@ -462,19 +471,7 @@ def _cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_discard(settings: Settings, args: argparse.Namespace) -> int:
-    if bool(args.ids) == bool(args.all_dead):
-        raise UsageError("give message IDs or --all-dead (one of them)")
-    deleted = _run(
-        lambda: _with_engine(
-            settings, lambda e: admin.discard(e, ids=args.ids, all_dead=args.all_dead)
-        )
-    )
-    missing = sorted(set(args.ids) - set(deleted))
-    print(f"discarded {len(deleted)} dead message(s)" + (f": {deleted}" if deleted else ""))
-    if missing:
-        print(f"not dead or not found (left alone): {missing}", file=sys.stderr)
-        return 1
-    return 0
+    return _on_dead(settings, args, admin.discard, "discarded {} dead message(s)")
 
 
 def _cmd_admin(settings: Settings, args: argparse.Namespace) -> int:
