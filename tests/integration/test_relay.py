@@ -39,6 +39,21 @@ async def row(engine: AsyncEngine, sql: str) -> dict[str, object]:
         return dict((await conn.execute(text(sql))).mappings().one())
 
 
+class CountInFlight:
+    """A handler that takes ``seconds`` and counts the most calls it had running at once."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.in_flight = 0
+        self.most = 0
+
+    async def __call__(self, message: object) -> None:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        await asyncio.sleep(self.seconds)
+        self.in_flight -= 1
+
+
 class Clock:
     """A settable clock: tests move time instead of sleeping."""
 
@@ -315,16 +330,7 @@ async def test_a_batch_larger_than_concurrency_sends_every_wave_however_long_it_
 
 async def test_a_batch_runs_exactly_concurrency_handlers_at_once(engine: AsyncEngine) -> None:
     """A batch larger than --concurrency keeps that many sends in flight, never more."""
-    in_flight = 0
-    most = 0
-
-    async def slow(message: object) -> None:
-        nonlocal in_flight, most
-        in_flight += 1
-        most = max(most, in_flight)
-        await asyncio.sleep(0.01)
-        in_flight -= 1
-
+    slow = CountInFlight(0.01)
     registry = HandlerRegistry()
     registry.register("slow", slow)
     async with engine.begin() as conn:
@@ -335,7 +341,7 @@ async def test_a_batch_runs_exactly_concurrency_handlers_at_once(engine: AsyncEn
     result = await relay.run_once()
 
     assert result.sent == 40
-    assert most == 4
+    assert slow.most == 4
 
 
 async def test_a_send_past_the_send_timeout_is_cut_off_and_retried_while_the_rest_go_out(
@@ -436,16 +442,7 @@ async def test_bytes_in_flight_are_bounded_not_rows(engine: AsyncEngine) -> None
             (await conn.execute(text("SELECT max(pg_column_size(payload)) FROM outbox"))).scalar()
             or 0
         )
-    in_flight = 0
-    most = 0
-
-    async def big(message: object) -> None:
-        nonlocal in_flight, most
-        in_flight += 1
-        most = max(most, in_flight)
-        await asyncio.sleep(0.05)
-        in_flight -= 1
-
+    big = CountInFlight(0.05)
     registry = HandlerRegistry()
     registry.register("big", big)
     config = RelayConfig(batch_size=100, concurrency=16, max_bytes_in_flight=int(size * 2.5))
@@ -455,4 +452,4 @@ async def test_bytes_in_flight_are_bounded_not_rows(engine: AsyncEngine) -> None
 
     assert size > 50_000  # md5 text does not compress much: the bound is about real bytes
     assert result.sent == 12
-    assert most == 3  # 2.5 messages' bytes: two under the budget, and the one that crosses it
+    assert big.most == 3  # 2.5 messages' bytes: two under the budget, and the one that crosses it
