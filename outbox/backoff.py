@@ -25,9 +25,6 @@ def next_delay(attempts: int, *, base: float, cap: float, rng: random.Random) ->
     return step / 2 + rng.uniform(0, step / 2)
 
 
-def database_delay(failures: int, rng: random.Random | None = None) -> float:
+def database_delay(failures: int, rng: random.Random) -> float:
     """The wait after ``failures`` consecutive failures to reach or write the database."""
-    return next_delay(failures, base=DATABASE_BASE_S, cap=DATABASE_CAP_S, rng=rng or _rng)
-
-
-_rng = random.Random()
+    return next_delay(failures, base=DATABASE_BASE_S, cap=DATABASE_CAP_S, rng=rng)

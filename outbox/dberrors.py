@@ -48,19 +48,26 @@ _TRANSIENT = frozenset(
 _DROP_SESSION = frozenset({READ_ONLY, ADMIN_SHUTDOWN, CRASH_SHUTDOWN, CANNOT_CONNECT_NOW})
 
 
-def sqlstate(exc: BaseException) -> str | None:
-    """The SQLSTATE of ``exc`` or of the psycopg error it wraps, if any."""
+def _psycopg_error(exc: BaseException) -> psycopg.Error | None:
+    """The first psycopg error with a SQLSTATE in ``exc``'s chain (what SQLAlchemy wraps, the
+    cause, the context), if any."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         if isinstance(current, psycopg.Error) and current.sqlstate:
-            return current.sqlstate
+            return current
         if isinstance(current, sqlalchemy.exc.DBAPIError) and current.orig is not None:
             current = current.orig
             continue
         current = current.__cause__ or current.__context__
     return None
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of ``exc`` or of the psycopg error it wraps, if any."""
+    error = _psycopg_error(exc)
+    return error.sqlstate if error is not None else None
 
 
 def is_connection_error(exc: BaseException) -> bool:
@@ -84,8 +91,8 @@ def is_infrastructure_error(exc: BaseException) -> bool:
     """True when waiting and retrying is the answer: nothing about the message is wrong."""
     if is_connection_error(exc):
         return True
-    state = sqlstate(exc)
-    return state is not None and (state.startswith("08") or state in _TRANSIENT)
+    state = sqlstate(exc)  # class 08 is a connection error, answered above
+    return state is not None and state in _TRANSIENT
 
 
 def drops_session(exc: BaseException) -> bool:
@@ -105,12 +112,7 @@ def missing_schema(exc: BaseException) -> str | None:
     """The server's "relation/column ... does not exist" message when ``exc`` (or what it wraps)
     says the schema is missing or behind, else ``None``: on a database nobody migrated every
     statement fails that way, and the operator needs "run outbox migrate", not a traceback."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, psycopg.Error) and current.sqlstate in SCHEMA_BEHIND:
-            return current.diag.message_primary or str(current).splitlines()[0]
-        orig = getattr(current, "orig", None)
-        current = orig if isinstance(orig, BaseException) else current.__cause__
-    return None
+    error = _psycopg_error(exc)
+    if error is None or error.sqlstate not in SCHEMA_BEHIND:
+        return None
+    return error.diag.message_primary or str(error).splitlines()[0]

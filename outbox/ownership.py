@@ -58,15 +58,9 @@ class OwnerSession:
         Also proves this session alive: a dropped connection raises here, and the caller
         opens a new session (with a new owner id) before claiming again.
         """
-        gone = []
-        for owner in owners:
-            cur = await self._conn.execute(queries.OWNER_LOCK_PROBE, {"key": lock_key(owner)})
-            row = await cur.fetchone()
-            if row is not None and row[0] is not None:  # we got it (and released it): free
-                gone.append(owner)
-        if not gone:
-            await self._conn.execute("SELECT 1")
-        return gone
+        by_key = {lock_key(owner): owner for owner in owners}
+        cur = await self._conn.execute(queries.OWNER_LOCK_PROBE, {"keys": list(by_key)})
+        return [by_key[row[0]] for row in await cur.fetchall()]
 
     async def close(self) -> None:
         await self._conn.close()

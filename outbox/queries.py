@@ -505,8 +505,12 @@ async def heartbeat(
 # An owner id is never reused (a relay that loses its lock session takes a new one), so "lock
 # free" stays true once seen. These run on the lock session, in autocommit (psycopg placeholders).
 OWNER_LOCK = "SELECT pg_try_advisory_lock(%(key)s)"
+# One round trip for all the owners probed: the keys whose lock was free (taken, then let go;
+# CASE fixes that order, which AND would leave to the planner). With no key it still proves the
+# lock session alive.
 OWNER_LOCK_PROBE = (
-    "SELECT CASE WHEN pg_try_advisory_lock(%(key)s) THEN pg_advisory_unlock(%(key)s) END"
+    "SELECT key FROM unnest(CAST(%(keys)s AS bigint[])) AS key"
+    " WHERE CASE WHEN pg_try_advisory_lock(key) THEN pg_advisory_unlock(key) ELSE false END"
 )
 OWNERS_IN_FLIGHT = text(
     "SELECT DISTINCT claimed_by FROM outbox "
@@ -556,15 +560,18 @@ RESCUE_ABANDONED = text(
     RETURNING o.id, o.dead_at IS NOT NULL
     """
 )
-# How many abandoned rows this relay could claim now (it then runs them one at a time).
+# Whether this relay could claim an abandoned row now (it then runs them one at a time): the
+# first match through ix_outbox_claimed answers, no count.
 ABANDONED_DUE = text(
     """
-    SELECT count(*) FROM outbox
-    WHERE claimed_by IS NOT NULL AND sent_at IS NULL AND dead_at IS NULL
-      AND available_at <= coalesce(CAST(:now AS timestamptz), statement_timestamp())
-      AND topic = ANY(CAST(:topics AS text[]))
-      AND attempts < :max_attempts
-      AND NOT id = ANY(CAST(:held AS bigint[]))
+    SELECT EXISTS (
+        SELECT FROM outbox
+        WHERE claimed_by IS NOT NULL AND sent_at IS NULL AND dead_at IS NULL
+          AND available_at <= coalesce(CAST(:now AS timestamptz), statement_timestamp())
+          AND topic = ANY(CAST(:topics AS text[]))
+          AND attempts < :max_attempts
+          AND NOT id = ANY(CAST(:held AS bigint[]))
+    )
     """
 )
 
@@ -605,9 +612,9 @@ async def abandoned_due(
     held: Sequence[int],
     max_attempts: int,
     now: datetime | None,
-) -> int:
+) -> bool:
     params = {"topics": list(topics), "held": list(held), "max_attempts": max_attempts, "now": now}
-    return int((await conn.execute(ABANDONED_DUE, params)).scalar_one())
+    return bool((await conn.execute(ABANDONED_DUE, params)).scalar_one())
 
 
 # --- COUNT_BY_STATUS --------------------------------------------------------------------------

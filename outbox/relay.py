@@ -147,11 +147,6 @@ class BatchResult:
     released: int = 0  # claimed but never started (a stop): the attempt was given back
     refused: int = 0  # outcomes the fence refused: the row had been taken over meanwhile
 
-    def __iadd__(self, other: BatchResult) -> BatchResult:
-        for name in vars(self):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        return self
-
 
 @dataclass(slots=True)
 class _Job:
@@ -159,7 +154,6 @@ class _Job:
 
     claimed: Claimed
     owner: uuid.UUID
-    alone: bool = False  # an abandoned row, run with nothing else in flight
 
 
 @dataclass(slots=True)
@@ -259,16 +253,10 @@ class Relay:
         self._result = BatchResult()
         self._watchdog: SendWatchdog | None = None
         self._conns: dict[str, AsyncConnection] = {}  # kept between transactions, by role
-        self._prefetch = self.config.batch_size  # claimed rows that may wait for a worker
         self._background: list[asyncio.Task[None]] = []
 
     def _now(self) -> datetime | None:
         return self._clock() if self._clock is not None else None
-
-    @property
-    def owner(self) -> uuid.UUID | None:
-        """The owner id the relay claims under right now (``None`` while it has no lock)."""
-        return self._owner if self._owner_ready.is_set() else None
 
     # --- entry points ------------------------------------------------------------------------
 
@@ -376,8 +364,7 @@ class Relay:
     async def _wind_down(self) -> None:
         """After the producer: let every claimed job finish (or be released), write them all."""
         while self._active:
-            self._slot_freed.clear()
-            await self._slot_freed.wait()
+            await self._slot_wait()
         await self._flushed()
 
     # --- producer ----------------------------------------------------------------------------
@@ -392,7 +379,7 @@ class Relay:
         """Claim as workers free up (River's "max workers minus active") until told to stop.
 
         "Active" counts the rows running and the rows claimed and waiting for a worker; up to
-        ``batch_size`` may wait (``_prefetch``), so the next claim's round trips overlap the
+        ``batch_size`` may wait, so the next claim's round trips overlap the
         sends instead of idling the workers (measured with bench/stall.py, 20,000 no-op
         messages: 2.6-5.1k/s with ``concurrency`` waiting, 9-12k/s with ``batch_size``; with none
         waiting, 2,000 5 ms handlers took 3.0 s instead of 0.8 s). A claim waits until a quarter
@@ -400,7 +387,7 @@ class Relay:
         one row per transaction. A hung send holds one worker; the waiting rows go to the
         others.
         """
-        capacity = self.config.concurrency + self._prefetch
+        capacity = self.config.concurrency + self.config.batch_size
         threshold = max(1, min(self.config.batch_size, capacity) // 4)
         while not self._stopping.is_set():
             self._check_background()
@@ -466,12 +453,12 @@ class Relay:
             self._slot_freed.clear()
             await self._slot_freed.wait()
 
-    def _dispatch(self, claimed: Sequence[Claimed], *, alone: bool = False) -> None:
+    def _dispatch(self, claimed: Sequence[Claimed]) -> None:
         assert self._owner is not None
         self.metrics.batch_size.observe(len(claimed))
         self._result.claimed += len(claimed)
         for c in claimed:
-            job = _Job(c, self._owner, alone)
+            job = _Job(c, self._owner)
             self._held[c.message.id] = job
             self._active += 1
             self._bytes += c.size
@@ -493,7 +480,9 @@ class Relay:
                     )
                 return rows
 
-        claimed: list[Claimed] = await self._retrying("claim", claim, default=[])
+        claimed: list[Claimed] = await self._retrying(
+            "claim", claim, give_up_on_stop=True, default=[]
+        )
         return claimed
 
     async def _run_abandoned(self) -> None:
@@ -520,7 +509,9 @@ class Relay:
                         held=list(self._held),
                     )
 
-            claimed = await self._retrying("claim an abandoned message", claim, default=None)
+            claimed = await self._retrying(
+                "claim an abandoned message", claim, give_up_on_stop=True, default=None
+            )
             if claimed is None:
                 self._abandoned_due = False
                 return
@@ -530,10 +521,9 @@ class Relay:
                 claimed.attempt,
                 extra={"action": "claim_abandoned", "outbox_id": claimed.message.id},
             )
-            self._dispatch([claimed], alone=True)
+            self._dispatch([claimed])
             while self._active:
-                self._slot_freed.clear()
-                await self._slot_freed.wait()
+                await self._slot_wait()
             await self._flushed()
 
     # --- executor ----------------------------------------------------------------------------
@@ -819,7 +809,8 @@ class Relay:
                     max_attempts=self.config.max_attempts,
                     now=self._now(),
                 )
-                due = await queries.abandoned_due(
+                # Already known (the producer has not run them yet): no need to ask again.
+                due = self._abandoned_due or await queries.abandoned_due(
                     conn,
                     topics=self.registry.topics,
                     held=held,
@@ -883,10 +874,16 @@ class Relay:
                 await conn.close()
 
     async def _retrying(
-        self, what: str, func: Callable[[], Awaitable[Any]], *, default: Any = None
+        self,
+        what: str,
+        func: Callable[[], Awaitable[Any]],
+        *,
+        give_up_on_stop: bool = False,
+        default: Any = None,
     ) -> Any:
         """Run ``func`` until it succeeds, waiting out infrastructure errors (``outbox.dberrors``)
-        with backoff; other errors propagate. Returns ``default`` if the relay stops first."""
+        with backoff; other errors propagate. With ``give_up_on_stop`` (claims: nothing is lost
+        by not claiming) it returns ``default`` once the relay stops; settles never give up."""
         failures = 0
         while True:
             try:
@@ -894,7 +891,7 @@ class Relay:
             except Exception as exc:
                 if not is_infrastructure_error(exc):
                     raise
-                if self._stopping.is_set() and what == "claim":
+                if give_up_on_stop and self._stopping.is_set():
                     return default
                 failures += 1
                 delay = database_delay(failures, self._rng)
