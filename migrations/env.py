@@ -18,6 +18,7 @@ from alembic import context
 from sqlalchemy import Connection, pool
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from outbox.errors import one_line
 from outbox.migrate import VERSION_TABLE
 from outbox.schema import metadata as outbox_metadata
 from outbox.settings import Settings, split_pgbouncer_marker
@@ -49,11 +50,6 @@ async def _run_async(url: str) -> None:
     await engine.dispose()
 
 
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
     if connection is not None:
@@ -63,18 +59,18 @@ def run_migrations_online() -> None:
     try:
         url = Settings.from_env().database_url
     except Exception as exc:
-        raise SystemExit(f"alembic: {_one_line(exc)}") from None
+        raise SystemExit(f"alembic: {one_line(exc)}") from None
     if url is None:
         raise SystemExit("alembic: DATABASE_URL is required (set in the environment)")
     try:
         asyncio.run(_run_async(split_pgbouncer_marker(url)[0]))  # the marker is not libpq's
     except OSError as exc:
-        raise SystemExit(f"alembic: cannot reach the database: {_one_line(exc)}") from None
+        raise SystemExit(f"alembic: cannot reach the database: {one_line(exc)}") from None
     except Exception as exc:
         from outbox.dberrors import is_connection_error
 
         if is_connection_error(exc):
-            raise SystemExit(f"alembic: cannot reach the database: {_one_line(exc)}") from None
+            raise SystemExit(f"alembic: cannot reach the database: {one_line(exc)}") from None
         raise
 
 

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import case, func, select
+from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox import queries
@@ -90,7 +91,7 @@ async def list_dead(engine: AsyncEngine, *, limit: int = 50) -> list[dict[str, A
         return [dict(row) for row in (await conn.execute(stmt)).mappings()]
 
 
-def message_state(row: Mapping[str, Any]) -> str:
+def message_state(row: Mapping[str, Any] | RowMapping) -> str:
     """sent, dead, retrying or pending: derived from the timestamps as ``outbox status`` counts."""
     if row["sent_at"] is not None:
         return "sent"

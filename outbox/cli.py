@@ -25,7 +25,7 @@ from importlib.metadata import PackageNotFoundError, entry_points, version
 from typing import Any, NoReturn, Protocol, TypeVar
 
 from outbox import admin, logs
-from outbox.errors import ConfigError, NotMigratedError, OutboxError
+from outbox.errors import ConfigError, NotMigratedError, OutboxError, one_line
 from outbox.relay import (
     DEFAULT_BACKOFF_BASE,
     DEFAULT_BACKOFF_CAP,
@@ -39,7 +39,7 @@ from outbox.relay import (
     DEFAULT_STOP_GRACE,
     RelayConfig,
 )
-from outbox.settings import Settings
+from outbox.settings import Settings, missing_error
 
 T = TypeVar("T")
 
@@ -363,13 +363,16 @@ def _print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None
 
 
 def _cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    counts = _run(lambda: _with_engine(settings, admin.status))
+    async def read(engine: Any) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        counts = await admin.status(engine)
+        return counts, ([] if args.json else await admin.by_topic(engine))
+
+    counts, topics = _run(lambda: _with_engine(settings, read))
     if args.json:
         print(json.dumps(counts))
         return 0
     for key, value in counts.items():
         print(f"{key:<22}{value}")
-    topics = _run(lambda: _with_engine(settings, admin.by_topic))
     if topics:
         # Per topic: a topic whose pending count only grows has no relay serving it (each
         # relay's start-up line names the topics it serves).
@@ -485,8 +488,7 @@ def _cmd_admin(settings: Settings, args: argparse.Namespace) -> int:
     missing = [] if os.environ.get("ADMIN_PASSWORD") else ["ADMIN_PASSWORD"]
     missing += [] if settings.database_url else ["DATABASE_URL"]
     if missing:
-        verb = "is" if len(missing) == 1 else "are"
-        raise ConfigError(f"{' and '.join(missing)} {verb} required (set in the environment)")
+        raise missing_error(missing)
     assert settings.database_url is not None
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be between 1 and 65535, not {args.port}")
@@ -567,13 +569,11 @@ def _require_relay_settings(settings: Settings) -> None:
         missing.append("SMTP_URL")
     if not missing:
         return
-    verb = "is" if len(missing) == 1 else "are"
-    hint = (
-        " (or --import a module with @outbox.handler functions instead of SMTP_URL)"
-        if "SMTP_URL" in missing
-        else " (set in the environment)"
-    )
-    raise ConfigError(f"{' and '.join(missing)} {verb} required{hint}")
+    if "SMTP_URL" in missing:
+        raise missing_error(
+            missing, "or --import a module with @outbox.handler functions instead of SMTP_URL"
+        )
+    raise missing_error(missing)
 
 
 COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
@@ -589,11 +589,6 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
 }
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     app_commands = _app_commands()
     args = _build_parser(app_commands).parse_args(argv)
@@ -605,10 +600,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env()
         return COMMANDS[args.command](settings, args)
     except (ConfigError, UsageError) as exc:
-        print(f"outbox {args.command}: {_one_line(exc)}", file=sys.stderr)
+        print(f"outbox {args.command}: {one_line(exc)}", file=sys.stderr)
         return 2
     except NotMigratedError as exc:
-        print(f"outbox {args.command}: {_one_line(exc)}", file=sys.stderr)
+        print(f"outbox {args.command}: {one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -623,7 +618,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         if _is_database_unreachable(exc):
             print(
-                f"outbox {args.command}: cannot reach the database: {_one_line(exc)}",
+                f"outbox {args.command}: cannot reach the database: {one_line(exc)}",
                 file=sys.stderr,
             )
             return 1

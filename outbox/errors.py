@@ -40,3 +40,10 @@ class UnknownTopicError(PermanentSendError):
 
 class NotMigratedError(OutboxError):
     """The database is not migrated: run `outbox migrate`."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its class name when it has none): what a command
+    prints for a user's mistake instead of a traceback."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -179,7 +179,7 @@ def _address_list(field: str, addresses: list[str]) -> str:
     78 characters (RFC 5322 2.1.1). Unfolded, about 45 recipients made a line the server refused
     (``500 Line too long``: SMTP's limit is 998), and the message went dead."""
     head = f"{field}:"
-    if len(addresses) == 1:
+    if len(addresses) == 1:  # the common case, on every send: skip the loop
         return f"{head} {addresses[0]}"
     lines: list[str] = []
     line = head

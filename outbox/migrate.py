@@ -19,7 +19,8 @@ if the two drift apart.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,13 +154,21 @@ def uninstall(connection: Connection) -> None:
     connection.execute(text("DROP TABLE IF EXISTS outbox_schema_version"))
 
 
-def upgrade_url(database_url: str, **engine_options: Any) -> list[int]:
-    """Upgrade the database at ``database_url`` (any accepted spelling) in its own transaction."""
+@contextmanager
+def transaction(database_url: str, **engine_options: Any) -> Iterator[Connection]:
+    """A sync connection in one transaction to ``database_url`` (any accepted spelling), for a
+    migration: the library's here, the service's Alembic history in ``web.migrate``."""
     # A migration is one transaction, so it may run through PgBouncer; the marker is ours only.
     url = split_pgbouncer_marker(normalise_database_url(database_url))[0]
     engine = create_engine(url, **engine_options)
     try:
         with engine.begin() as connection:
-            return upgrade(connection)
+            yield connection
     finally:
         engine.dispose()
+
+
+def upgrade_url(database_url: str, **engine_options: Any) -> list[int]:
+    """Upgrade the database at ``database_url`` (any accepted spelling) in its own transaction."""
+    with transaction(database_url, **engine_options) as connection:
+        return upgrade(connection)

@@ -10,7 +10,7 @@ links or limits.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -100,7 +100,7 @@ class SmtpConfig:
                 f"SMTP_URL has unknown option(s) {', '.join(unknown)}: only ?starttls=true is "
                 "understood (use smtps:// for implicit TLS)"
             )
-        start_tls = query.get("starttls", ["false"])[0].lower() in ("1", "true", "yes")
+        start_tls = query.get("starttls", ["false"])[0].lower() in _TRUE
         implicit_tls = parts.scheme == "smtps"
         try:
             port = parts.port or (465 if implicit_tls else 25)
@@ -114,6 +114,13 @@ class SmtpConfig:
             use_tls=implicit_tls,
             start_tls=start_tls and not implicit_tls,
         )
+
+
+def missing_error(names: Sequence[str], how: str = "set in the environment") -> ConfigError:
+    """ "A and B are required (set in the environment)": every missing variable at once, so a
+    deploy that lacks three learns it in one run, not three."""
+    verb = "is" if len(names) == 1 else "are"
+    return ConfigError(f"{' and '.join(names)} {verb} required ({how})")
 
 
 def env_value(env: Mapping[str, str], name: str) -> str | None:
@@ -164,8 +171,7 @@ class Settings:
         """Raise ``ConfigError`` naming every one of ``names`` (field names) that is unset."""
         missing = [name.upper() for name in names if getattr(self, name) is None]
         if missing:
-            verb = "is" if len(missing) == 1 else "are"
-            raise ConfigError(f"{' and '.join(missing)} {verb} required (set in the environment)")
+            raise missing_error(missing)
 
     @property
     def behind_pgbouncer(self) -> bool:

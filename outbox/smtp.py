@@ -15,10 +15,8 @@ from __future__ import annotations
 
 from outbox.mail import EMAIL_TOPIC, SmtpSender, render_email
 from outbox.message import EmailPayload
+from outbox.relay import DEFAULT_SEND_TIMEOUT  # a relay passes its own send_timeout
 from outbox.settings import SmtpConfig
-
-# What a send may take by default; a relay passes its own ``send_timeout``.
-DEFAULT_SEND_TIMEOUT = 30.0
 
 
 def email_handler(

@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
+from functools import cached_property
 from typing import Any
 
 from aiosmtpd.controller import Controller
@@ -34,7 +35,7 @@ class CapturedMail:
     raw: bytes
     received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
-    @property
+    @cached_property  # parsed once: /dev/mail reads several headers and parts of one mail
     def message(self) -> EmailMessage:
         parsed = email.message_from_bytes(self.raw, policy=email.policy.default)
         assert isinstance(parsed, EmailMessage)

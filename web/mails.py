@@ -92,12 +92,12 @@ def already_registered_subject(settings: Settings) -> str:
     return f"Someone tried to sign up at {settings.site_name} with your address"
 
 
-def already_registered_mail(settings: Settings, *, to: str, token: str | None) -> EmailPayload:
-    """The notice for a signup with an address that already has an account.
+def already_registered_mail(settings: Settings, *, to: str) -> EmailPayload:
+    """The notice for a signup with an address whose account is verified already.
 
     The web page gave the usual answer (no account enumeration), so this mail is where the owner
-    learns what happened. With ``token`` (the account is not verified yet) it carries a fresh
-    verification link, since losing the first mail is the usual reason to sign up twice.
+    learns what happened. (A signup on an unverified address gets a fresh verification mail
+    instead: web.signup.)
     """
     site = settings.site_name
     lines = [
@@ -106,13 +106,6 @@ def already_registered_mail(settings: Settings, *, to: str, token: str | None) -
         "about your account has changed.",
     ]
     html_lines = [escape(line) for line in lines]
-    if token is not None:
-        link = verify_link(settings, token)
-        lines.append(f"Your account is not verified yet. To verify it, open this link:\n\n{link}")
-        html_lines.append(
-            "Your account is not verified yet. "
-            f'<a href="{escape(link)}">Verify my email address</a> ({escape(link)})'
-        )
     lines.append("If this was not you, you can ignore this mail.")
     html_lines.append(escape(lines[-1]))
     return {

@@ -60,12 +60,9 @@ class Metrics:
             registry=self.registry,
         )
 
-    def exposition(self) -> bytes:
-        """The Prometheus text format of everything in the registry."""
-        return generate_latest(self.registry)
-
     async def exposition_async(self) -> bytes:
-        """``exposition()`` in a worker thread: the event loop keeps serving meanwhile."""
+        """The Prometheus text format of the registry, built in a worker thread: with many
+        series it takes long enough to stall every other request on the event loop."""
         return await anyio.to_thread.run_sync(generate_latest, self.registry)
 
 

@@ -11,9 +11,9 @@ from importlib.resources import files
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, create_engine
+from sqlalchemy import Connection
 
-from outbox.settings import normalise_database_url
+import outbox.migrate
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -31,9 +31,5 @@ def upgrade(connection: Connection, revision: str = "head") -> None:
 
 def upgrade_url(database_url: str, revision: str = "head") -> None:
     """Upgrade the database at ``database_url`` (any accepted spelling) in its own transaction."""
-    engine = create_engine(normalise_database_url(database_url))
-    try:
-        with engine.begin() as connection:
-            upgrade(connection, revision)
-    finally:
-        engine.dispose()
+    with outbox.migrate.transaction(database_url) as connection:
+        upgrade(connection, revision)

@@ -21,14 +21,13 @@ from web.settings import Settings
 # Jinja2Templates(directory=...) turns autoescaping on for .html files.
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 
+# The pages' own policy; no-store, no-referrer and nosniff come with every answer of the app
+# (web.headers.SecurityHeadersMiddleware).
 _HEADERS = {
-    "Cache-Control": "no-store",
     "Content-Security-Policy": (
         "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
         "frame-ancestors 'none'; base-uri 'none'"
     ),
-    "Referrer-Policy": "no-referrer",
-    "X-Content-Type-Options": "nosniff",
 }
 
 

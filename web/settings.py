@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from outbox.errors import ConfigError
-from outbox.settings import SmtpConfig, env_value, normalise_database_url
+from outbox.settings import SmtpConfig, env_value, missing_error, normalise_database_url
 
 
 @dataclass(frozen=True)
@@ -87,12 +87,11 @@ class Settings:
         once: a deploy that lacks three variables learns it in one run, not three."""
         missing = [name.upper() for name in names if getattr(self, name) is None]
         if missing:
-            verb = "is" if len(missing) == 1 else "are"
-            raise ConfigError(f"{' and '.join(missing)} {verb} required (set in the environment)")
+            raise missing_error(missing)
 
     @property
     def link_base(self) -> str:
         """``BASE_URL``, which the app cannot mail a link without."""
-        if self.base_url is None:
-            raise ConfigError("BASE_URL is required (set in the environment)")
+        self.require("base_url")
+        assert self.base_url is not None
         return self.base_url

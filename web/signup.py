@@ -62,7 +62,7 @@ async def register(
     existing = await find_user(conn, email=email)
     if existing is None:  # deleted between the statements: nobody to tell
         return
-    mail = already_registered_mail(settings, to=existing.email, token=None)
+    mail = already_registered_mail(settings, to=existing.email)
     await _enqueue_mail(conn, mail, settings)
     logger.info("signup for a registered address", extra={"action": "notify_existing_user"})
 

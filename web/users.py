@@ -139,21 +139,16 @@ async def mark_verified(
     conn: AsyncConnection,
     *,
     user_id: int,
-    nonce: UUID | None = None,
-    now: datetime | None = None,
+    nonce: UUID,
 ) -> User | None:
-    """Set verified_at once; a second confirm keeps the first time. ``None`` if no such user.
-
-    With ``nonce`` the row must still carry that token nonce, so a link mailed before the
-    account's password was replaced (a later signup) can never verify it.
+    """Set verified_at once; a second confirm keeps the first time. ``None`` if no such user,
+    or if the row no longer carries the link's ``nonce``: a link mailed before the account's
+    password was replaced (a later signup) can never verify it.
     """
-    conditions = [users_table.c.id == user_id]
-    if nonce is not None:
-        conditions.append(users_table.c.token_nonce == nonce)
     stmt = (
         update(users_table)
-        .where(*conditions)
-        .values(verified_at=func.coalesce(users_table.c.verified_at, now or func.now()))
+        .where(users_table.c.id == user_id, users_table.c.token_nonce == nonce)
+        .values(verified_at=func.coalesce(users_table.c.verified_at, func.now()))
         .returning(*_USER_COLUMNS)
     )
     row = (await conn.execute(stmt)).first()

@@ -35,6 +35,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from outbox.admin import message_state
+
 
 class State(StrEnum):
     """The four states of ``outbox status``, derived from the row as ``outbox.schema`` says."""
@@ -330,12 +332,8 @@ async def settled_per_minute(
 
 
 def state_of(row: RowMapping | dict[str, Any]) -> State:
-    """The row's state, by the rule in ``outbox.schema`` (and ``COUNT_BY_STATUS``)."""
-    if row["sent_at"] is not None:
-        return State.SENT
-    if row["dead_at"] is not None:
-        return State.DEAD
-    return State.RETRYING if row["attempts"] > 0 else State.PENDING
+    """The row's state, by the one rule ``outbox status`` and ``outbox show`` use."""
+    return State(message_state(row))
 
 
 __all__: Sequence[str] = [
