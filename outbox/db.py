@@ -79,13 +79,16 @@ def _set_local_on_begin(engine: AsyncEngine, settings: dict[str, str]) -> None:
     """Apply ``settings`` at the start of every transaction of ``engine``, for it alone.
 
     Costs one round trip per transaction, paid only behind PgBouncer (direct connections get the
-    settings once, at connect).
+    settings once, at connect), and not in autocommit, where there is no transaction to set.
     """
     params = {"names": list(settings), "values": list(settings.values())}
 
     @event.listens_for(engine.sync_engine, "begin")
     def _set_local(conn: Connection) -> None:
-        conn.execute(SET_LOCAL_MANY, params)
+        # In autocommit (the relay's claims) each statement is its own transaction: a local
+        # setting would end with this one, and cost a round trip for nothing.
+        if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+            conn.execute(SET_LOCAL_MANY, params)
 
 
 def engine_libpq_url(engine: AsyncEngine) -> str:

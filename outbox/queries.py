@@ -130,11 +130,12 @@ SELECT_NOW = text("SELECT statement_timestamp()")
 
 
 # --- CLAIM_DUE / CLAIM_DUE_AFTER ---------------------------------------------------------------
-# Claim the oldest due rows of the topics this relay serves, in a short transaction of its own:
-# the inner SELECT walks ix_outbox_due (partial on "unsent and not dead") in (available_at, id)
-# order, stops after :limit rows and locks them (SKIP LOCKED: concurrent relays take disjoint rows
-# instead of queueing); the UPDATE records the claim and the caller commits at once, so no lock
-# is held while the handlers run.
+# Claim the oldest due rows of the topics this relay serves, in one statement that is a
+# transaction of its own (the relay runs it in autocommit: no BEGIN or COMMIT round trip): the
+# inner SELECT walks ix_outbox_due (partial on "unsent and not dead") in (available_at, id)
+# order, stops after :limit rows and locks them (SKIP LOCKED: concurrent relays take disjoint
+# rows instead of queueing); the UPDATE records the claim and the statement commits at once, so
+# no lock is held while the handlers run.
 #
 # The claim stamps three things. ``attempts + 1``: an attempt counts when it starts, so a message
 # that kills the relay spends its attempts too. ``claimed_by``: the relay's owner id, the fence
@@ -144,6 +145,16 @@ SELECT_NOW = text("SELECT statement_timestamp()")
 # runs. Rows of other topics are left alone (no attempt spent) for a relay that serves them.
 # ``claimed_by IS NULL`` is a filter on the few rows whose lease ran out unsettled (abandoned):
 # those are claimed one at a time by CLAIM_ABANDONED.
+#
+# The claim commits asynchronously (``synchronous_commit = off`` for its own transaction only,
+# set by the statement itself, so it holds behind PgBouncer too): it returns without waiting for
+# the WAL flush, the one wait left between a NOTIFY and the handler. Why that is safe: an async
+# commit is visible to every session at once, so a relay that crashes, and every other relay,
+# sees the claim exactly as after a synchronous one. Only a crash of PostgreSQL itself within
+# about three ``wal_writer_delay`` (0.6 s by default) can lose it: the row then comes back
+# unclaimed with its old ``attempts``, and is run again with the same attempt number, which is
+# at-least-once as before (a handler may run twice; a Message-ID is the same both times). The
+# settle that follows commits synchronously, and its flush covers the claim's WAL too.
 #
 # CLAIM_DUE_AFTER is the same claim started where the previous claim stopped, for draining a
 # backlog. Rows settled (or claimed) since the last VACUUM leave dead entries at the front of
@@ -162,15 +173,18 @@ SELECT_NOW = text("SELECT statement_timestamp()")
 # 10 MB messages no longer lands in one process at once. Candidates past the budget were locked
 # for this short transaction only and stay due.
 #
-# RETURNING gives the row as a handler sees it plus its *old* available_at (the claim's position
-# in the index, for the resume point, and where a released row goes back to).
-CLAIM_DUE = text(
-    """
-    WITH candidates AS (
+# The rows come back as a handler sees them plus their *old* available_at (the claim's position
+# in the index, for the resume point, and where a released row goes back to), in index order
+# (RETURNING alone is unordered; sorting here costs less than in Python).
+_CLAIM_DUE = """
+    WITH async_commit AS MATERIALIZED (
+        SELECT set_config('synchronous_commit', 'off', true) AS setting
+    ),
+    candidates AS (
         SELECT id, available_at, pg_column_size(payload) AS size FROM outbox
         WHERE sent_at IS NULL AND dead_at IS NULL
           AND available_at <= coalesce(CAST(:now AS timestamptz), statement_timestamp())
-          AND claimed_by IS NULL
+          {after}AND claimed_by IS NULL
           AND topic = ANY(CAST(:topics AS text[]))
         ORDER BY available_at, id
         LIMIT :limit
@@ -183,50 +197,27 @@ CLAIM_DUE = text(
             FROM candidates
         ) AS c
         WHERE before < :budget
+    ),
+    claimed AS (
+        UPDATE outbox AS o
+        SET attempts = o.attempts + 1,
+            claimed_by = CAST(:owner AS uuid),
+            available_at = coalesce(CAST(:clock AS timestamptz), statement_timestamp())
+                           + make_interval(secs => CAST(:lease AS float8))
+        FROM picked, async_commit
+        WHERE o.id = picked.id AND async_commit.setting = 'off'
+        RETURNING o.id, o.message_id, o.topic, o.payload, o.attempts, o.created_at,
+                  picked.available_at AS position, picked.size
     )
-    UPDATE outbox AS o
-    SET attempts = o.attempts + 1,
-        claimed_by = CAST(:owner AS uuid),
-        available_at = coalesce(CAST(:clock AS timestamptz), statement_timestamp())
-                       + make_interval(secs => CAST(:lease AS float8))
-    FROM picked
-    WHERE o.id = picked.id
-    RETURNING o.id, o.message_id, o.topic, o.payload, o.attempts, o.created_at,
-              picked.available_at, picked.size
+    SELECT * FROM claimed ORDER BY position, id
     """
-)
+CLAIM_DUE = text(_CLAIM_DUE.format(after=""))
 # The same, from the resume point.
 CLAIM_DUE_AFTER = text(
-    """
-    WITH candidates AS (
-        SELECT id, available_at, pg_column_size(payload) AS size FROM outbox
-        WHERE sent_at IS NULL AND dead_at IS NULL
-          AND available_at <= coalesce(CAST(:now AS timestamptz), statement_timestamp())
-          AND (available_at, id) > (CAST(:after_at AS timestamptz), CAST(:after_id AS bigint))
-          AND claimed_by IS NULL
-          AND topic = ANY(CAST(:topics AS text[]))
-        ORDER BY available_at, id
-        LIMIT :limit
-        FOR UPDATE SKIP LOCKED
-    ),
-    picked AS (
-        SELECT id, available_at, size FROM (
-            SELECT id, available_at, size,
-                   sum(size) OVER (ORDER BY available_at, id) - size AS before
-            FROM candidates
-        ) AS c
-        WHERE before < :budget
+    _CLAIM_DUE.format(
+        after="AND (available_at, id)"
+        " > (CAST(:after_at AS timestamptz), CAST(:after_id AS bigint))\n          "
     )
-    UPDATE outbox AS o
-    SET attempts = o.attempts + 1,
-        claimed_by = CAST(:owner AS uuid),
-        available_at = coalesce(CAST(:clock AS timestamptz), statement_timestamp())
-                       + make_interval(secs => CAST(:lease AS float8))
-    FROM picked
-    WHERE o.id = picked.id
-    RETURNING o.id, o.message_id, o.topic, o.payload, o.attempts, o.created_at,
-              picked.available_at, picked.size
-    """
 )
 
 # --- CLAIM_ABANDONED --------------------------------------------------------------------------
@@ -260,7 +251,7 @@ CLAIM_ABANDONED = text(
     RETURNING o.id, o.message_id, o.topic, o.payload, o.attempts, o.created_at, picked.available_at,
               picked.size
     """
-)
+)  # one row: RETURNING needs no order
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,14 +262,23 @@ class ClaimPosition:
     id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Claimed:
-    """A claimed row: the message, the attempt the claim counted, and where it sat in the index."""
+    """A claimed row: the message, the attempt the claim counted, and where it sat in the index.
+
+    Made once per message on the relay's hot path, so it is a plain (not frozen) dataclass, and
+    its place in the index is kept as the old ``available_at`` alone: a frozen dataclass pays one
+    ``object.__setattr__`` per field, and ``position`` is only read for a batch's last row.
+    """
 
     message: OutboxMessage
     attempt: int
-    position: ClaimPosition
+    available_at: datetime  # before the claim: where the row sat, and goes back to if released
     size: int = 0  # the payload's stored bytes
+
+    @property
+    def position(self) -> ClaimPosition:
+        return ClaimPosition(self.available_at, self.message.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,17 +292,10 @@ class ClaimOwner:
 
 def _claimed(rows: Sequence[Any]) -> list[Claimed]:
     # The handler sees ``attempts`` as the failures before this attempt (its old meaning).
-    claimed = [
-        Claimed(
-            OutboxMessage(r[0], r[1], r[2], r[3], r[4] - 1, r[5]),
-            r[4],
-            ClaimPosition(r[6], r[0]),
-            int(r[7]),
-        )
+    return [
+        Claimed(OutboxMessage(r[0], r[1], r[2], r[3], r[4] - 1, r[5]), r[4], r[6], int(r[7]))
         for r in rows
     ]
-    claimed.sort(key=lambda c: (c.position.available_at, c.position.id))  # RETURNING is unordered
-    return claimed
 
 
 async def claim_due(

@@ -2,8 +2,8 @@
 
 Three parts share one process, River-style:
 
-- the **producer** claims ``min(batch_size, free slots)`` rows in a short transaction of its own
-  (``CLAIM_DUE``: attempt counted, owner and lease stamped, committed) as soon as workers free up,
+- the **producer** claims ``min(batch_size, free slots)`` rows in one statement that commits on
+  its own (``CLAIM_DUE``: attempt counted, owner and lease stamped) as soon as workers free up,
   so one hung send occupies one slot, never the relay;
 - the **executor** is ``concurrency`` workers; a send is cut off at ``send_timeout``;
 - the **completer** settles outcomes in batches (when ``concurrency`` outcomes wait, or a few
@@ -680,7 +680,7 @@ class Relay:
                 conn,
                 queries.RELEASE_MANY,
                 now=now,
-                available_ats=[d.job.claimed.position.available_at for d in w.release],
+                available_ats=[d.job.claimed.available_at for d in w.release],
                 **_keys(w.release),
             )
         self._report(group, written)
@@ -844,7 +844,7 @@ class Relay:
         measured as a third of a claim's time. A connection that met an error after which it is
         useless (read-only, shut down, dropped) is thrown away, never reused or pooled.
         """
-        conn = self._conns.pop(role, None) or await self.engine.connect()
+        conn = self._conns.pop(role, None) or await self._connect(role)
         keep = True
         try:
             yield conn
@@ -866,6 +866,17 @@ class Relay:
             else:
                 with contextlib.suppress(Exception):
                     await conn.close()
+
+    async def _connect(self, role: str) -> AsyncConnection:
+        """A new connection for ``role``; the producer's is in autocommit.
+
+        Every claim is one statement that commits on its own (``CLAIM_DUE``), so BEGIN and
+        COMMIT would be two round trips more between a NOTIFY and the handler, for nothing.
+        """
+        conn = await self.engine.connect()
+        if role == "claim":
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+        return conn
 
     async def _close_connections(self) -> None:
         conns, self._conns = list(self._conns.values()), {}
