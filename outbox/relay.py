@@ -34,7 +34,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
@@ -165,37 +165,32 @@ class _Done:
     seconds: float = 0.0
 
 
-@dataclass
-class _Writes:
-    """One settle: the fenced UPDATEs of a group of outcomes, as parallel arrays."""
-
-    sent: list[_Done] = field(default_factory=list)
-    retry: list[_Done] = field(default_factory=list)
-    dead: list[_Done] = field(default_factory=list)
-    release: list[_Done] = field(default_factory=list)
-
-    @classmethod
-    def of(cls, done: Sequence[_Done]) -> _Writes:
-        w = cls()
-        for d in done:
-            match d.outcome:
-                case None:
-                    w.release.append(d)
-                case Sent():
-                    w.sent.append(d)
-                case Retry():
-                    w.retry.append(d)
-                case Dead():
-                    w.dead.append(d)
-        return w
-
-
-def _keys(done: Sequence[_Done]) -> dict[str, list[Any]]:
-    return {
-        "ids": [d.job.claimed.message.id for d in done],
-        "owners": [d.job.owner for d in done],
-        "attempts": [d.job.claimed.attempt for d in done],
+def _settle_columns(group: Sequence[_Done]) -> dict[str, dict[str, list[Any]]]:
+    """``group`` as SETTLE_MANY's parallel arrays, by kind, in one pass over it."""
+    columns: dict[str, dict[str, list[Any]]] = {
+        kind: {name: [] for name in ("ids", "owners", "attempts", *own)}
+        for kind, own in queries.SETTLE_KINDS.items()
     }
+    for done in group:
+        claimed = done.job.claimed
+        match done.outcome:
+            case None:
+                c = columns["release"]
+                c["available_ats"].append(claimed.available_at)
+            case Sent(result=result):
+                c = columns["sent"]
+                c["results"].append(result)
+            case Retry(delay=delay, error=error):
+                c = columns["retry"]
+                c["delays"].append(delay)
+                c["errors"].append(error)
+            case Dead(error=error):
+                c = columns["dead"]
+                c["errors"].append(error)
+        c["ids"].append(claimed.message.id)
+        c["owners"].append(done.job.owner)
+        c["attempts"].append(claimed.attempt)
+    return columns
 
 
 class Relay:
@@ -614,7 +609,7 @@ class Relay:
 
     async def _complete(self) -> None:
         """Write outcomes in groups: when ``concurrency`` wait, or ``SETTLE_AFTER_S`` after the
-        first. Each group is one short transaction of fenced UPDATEs."""
+        first. Each group is one statement of fenced UPDATEs (``SETTLE_MANY``)."""
         while True:
             await self._done_ready.wait()
             if len(self._done) < self.config.batch_size and self._active:
@@ -651,38 +646,9 @@ class Relay:
             await self._write([done])
 
     async def _settle(self, group: Sequence[_Done]) -> None:
-        now = self._now()
-        w = _Writes.of(group)
+        columns = _settle_columns(group)
         async with self._transaction("settle") as conn:
-            written = await queries.settle_many(
-                conn,
-                queries.MARK_SENT_MANY,
-                now=now,
-                results=[d.outcome.result for d in w.sent],  # type: ignore[union-attr]
-                **_keys(w.sent),
-            )
-            written |= await queries.settle_many(
-                conn,
-                queries.MARK_RETRY_MANY,
-                now=now,
-                delays=[d.outcome.delay for d in w.retry],  # type: ignore[union-attr]
-                errors=[d.outcome.error for d in w.retry],  # type: ignore[union-attr]
-                **_keys(w.retry),
-            )
-            written |= await queries.settle_many(
-                conn,
-                queries.MARK_DEAD_MANY,
-                now=now,
-                errors=[d.outcome.error for d in w.dead],  # type: ignore[union-attr]
-                **_keys(w.dead),
-            )
-            written |= await queries.settle_many(
-                conn,
-                queries.RELEASE_MANY,
-                now=now,
-                available_ats=[d.job.claimed.available_at for d in w.release],
-                **_keys(w.release),
-            )
+            written = await queries.settle_many(conn, now=self._now(), **columns)
         self._report(group, written)
 
     def _report(self, group: Sequence[_Done], written: set[int]) -> None:
@@ -868,13 +834,14 @@ class Relay:
                     await conn.close()
 
     async def _connect(self, role: str) -> AsyncConnection:
-        """A new connection for ``role``; the producer's is in autocommit.
+        """A new connection for ``role``; the producer's and the completer's are in autocommit.
 
-        Every claim is one statement that commits on its own (``CLAIM_DUE``), so BEGIN and
-        COMMIT would be two round trips more between a NOTIFY and the handler, for nothing.
+        Every claim (``CLAIM_DUE``) and every settle (``SETTLE_MANY``) is one statement that
+        commits on its own, so BEGIN and COMMIT would be two round trips more each, for nothing
+        (and, for a claim, between a NOTIFY and the handler).
         """
         conn = await self.engine.connect()
-        if role == "claim":
+        if role in ("claim", "settle"):
             await conn.execution_options(isolation_level="AUTOCOMMIT")
         return conn
 
