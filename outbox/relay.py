@@ -231,7 +231,6 @@ class Relay:
         self.listener: Listener | None = None
         self.metrics = metrics or RelayMetrics()
         self.settle_log: SettleLog = settle_log or LoggingSettleLog()
-        self._send_seconds_by_topic: dict[str, Any] = {}
         self._cursor = ClaimCursor()
         # The state of one run (``_serving``); a Relay runs one at a time.
         self._owner: uuid.UUID | None = None
@@ -563,7 +562,7 @@ class Relay:
         finally:
             watchdog.finish(task)
         elapsed = time.perf_counter() - started
-        self._send_seconds(row.topic).observe(elapsed)
+        self.metrics.send_seconds.observe(row.topic, elapsed)
         return _Done(job, outcome, elapsed)
 
     def _failed(self, job: _Job, exc: BaseException) -> Outcome:
@@ -588,13 +587,6 @@ class Relay:
         elif not isinstance(exc, SendError | TimeoutError):
             logger.warning("handler raised %s", describe(exc), exc_info=exc)
         return outcome
-
-    def _send_seconds(self, topic: str) -> Any:
-        """The histogram child for ``topic``, cached: ``labels()`` costs a lock and a lookup."""
-        child = self._send_seconds_by_topic.get(topic)
-        if child is None:
-            child = self._send_seconds_by_topic[topic] = self.metrics.send_seconds.labels(topic)
-        return child
 
     # --- completer ---------------------------------------------------------------------------
 
