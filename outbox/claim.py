@@ -12,6 +12,12 @@ or a dead relay released, rows another relay skipped past. Two rules keep them f
 - a full claim is made at least every ``rescan_every`` seconds (1 s) whatever else happens, so
   under a backlog that never ends a row behind the resume point waits about a second more.
 
+``exhausted`` says when the last claim was a full one that took every row it could see (fewer
+than asked, none left out for the byte budget): the relay then waits for a NOTIFY (or its poll)
+instead of asking again at once, a claim that at low rates found nothing half the time while a
+handler ran. Rows committed after that claim's snapshot NOTIFY after it, and the relay clears its
+wake-up flag before claiming, so none waits for the poll.
+
 Delivery order is therefore oldest-due-first within a second, as it was only ever best-effort
 with several relays skipping each other's locked rows.
 """
@@ -40,6 +46,7 @@ class ClaimCursor:
         self._clock = clock
         self._position: ClaimPosition | None = None
         self._rescan_at = 0.0
+        self.exhausted = False
 
     @property
     def position(self) -> ClaimPosition | None:
@@ -60,6 +67,7 @@ class ClaimCursor:
     ) -> list[Claimed]:
         """Claim up to ``limit`` due rows (see the module's docstring for where from)."""
         after = self.position
+        self.exhausted = False
         if after is not None:
             rows = await queries.claim_due(
                 conn, limit=limit, now=now, claimer=claimer, after=after, clock=clock, budget=budget
@@ -72,4 +80,6 @@ class ClaimCursor:
         )
         self._position = rows[-1].position if len(rows) == limit else None
         self._rescan_at = self._clock() + self._rescan_every
+        # A row is left out for the budget only when the bytes before it reach it (CLAIM_DUE).
+        self.exhausted = len(rows) < limit and sum(c.size for c in rows) < budget
         return rows

@@ -415,10 +415,12 @@ class Relay:
                 self._dispatch(claimed)
                 if mode == "once":
                     return
-                continue
-            if mode == "once" or (mode == "drain" and not self._active):
+                if mode == "drain" or not self._cursor.exhausted:
+                    continue
+                # It took all there was: wait for a NOTIFY instead (see ClaimCursor.exhausted).
+            elif mode == "once" or (mode == "drain" and not self._active):
                 return
-            if mode == "drain":
+            elif mode == "drain":
                 await self._slot_wait()
                 continue
             try:

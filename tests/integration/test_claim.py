@@ -129,3 +129,41 @@ async def test_a_claim_takes_only_the_topics_it_serves_and_spends_nothing_on_oth
         ).one()
     assert tags(rows) == ["b0"]
     assert tuple(other) == (0, None)
+
+
+async def test_a_claim_says_when_it_took_every_due_row(engine: AsyncEngine) -> None:
+    """``exhausted``: only a full claim (from the start of the index) that took fewer rows than
+    asked, none of them left out for the byte budget, lets the relay wait for a NOTIFY."""
+    await backlog(engine, 5)
+    cursor = ClaimCursor()
+
+    async def claim(limit: int, budget: int = 2**62) -> list[str]:
+        async with engine.begin() as conn:
+            rows = await cursor.claim(
+                conn, limit=limit, now=NOW, claimer=CLAIMER, clock=NOW, budget=budget
+            )
+            await mark_sent(conn, rows)
+            return tags(rows)
+
+    assert await claim(2) == ["b0", "b1"]
+    assert not cursor.exhausted  # a full batch: there may be more
+    assert await claim(2, budget=1) == ["b2"]
+    assert not cursor.exhausted  # b3 was left out for the budget, not because none was due
+    assert await claim(3) == ["b3", "b4"]
+    assert cursor.exhausted
+    assert await claim(3) == []
+    assert cursor.exhausted
+
+
+async def test_a_claim_commits_asynchronously_without_changing_the_session(
+    engine: AsyncEngine,
+) -> None:
+    """The claim turns synchronous_commit off for its own transaction only: the session (which
+    behind PgBouncer is shared with other clients) keeps its setting."""
+    await backlog(engine, 1)
+    async with engine.connect() as conn:
+        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        rows = await ClaimCursor().claim(conn, limit=5, now=NOW, claimer=CLAIMER, clock=NOW)
+        setting = (await conn.execute(text("SHOW synchronous_commit"))).scalar_one()
+    assert tags(rows) == ["b0"]
+    assert setting == "on"

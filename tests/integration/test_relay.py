@@ -10,6 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox import HandlerRegistry, Relay, RelayConfig, enqueue
+from outbox.db import engine_libpq_url
 from outbox.mail import SmtpSender
 from outbox.settings import SmtpConfig
 from web.capture import CaptureServer
@@ -453,3 +454,38 @@ async def test_bytes_in_flight_are_bounded_not_rows(engine: AsyncEngine) -> None
     assert size > 50_000  # md5 text does not compress much: the bound is about real bytes
     assert result.sent == 12
     assert big.most == 3  # 2.5 messages' bytes: two under the budget, and the one that crosses it
+
+
+async def test_an_idle_relay_claims_once_per_notified_message_and_still_wakes_at_once(
+    engine: AsyncEngine, smtp_server: CaptureServer
+) -> None:
+    """At a low rate each claim takes the one row there is; the relay then waits for the next
+    NOTIFY instead of claiming again for nothing while the mail goes out, and the next message
+    is still sent long before the poll interval."""
+    relay = Relay(
+        engine,
+        email_registry(smtp_server),
+        RelayConfig(poll_interval=30),
+        listen_dsn=engine_libpq_url(engine),
+    )
+    task = asyncio.create_task(relay.run())
+
+    def claims() -> float:
+        (family,) = relay.metrics.claim_seconds.collect()
+        return next(s.value for s in family.samples if s.name.endswith("_count"))
+
+    async with asyncio.timeout(10):
+        while relay.listener is None or not relay.listener.connected or not claims():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # past the first claim(s) of the run
+        before = claims()
+        for n in range(5):
+            async with engine.begin() as conn:
+                await enqueue(conn, topic="email", payload=payload(n))
+            while len(smtp_server.mails) < n + 1:
+                await asyncio.sleep(0.005)
+        await asyncio.sleep(0.2)
+    after = claims()
+    relay.stop()
+    await task
+    assert after - before == 5
