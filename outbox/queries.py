@@ -290,6 +290,19 @@ class ClaimOwner:
     topics: Sequence[str]
 
 
+_JSON = json.JSONDecoder()
+
+
+def load_payload(data: str | bytes) -> Any:
+    """How the relay's claim connection loads ``payload`` (psycopg's ``set_json_loads``).
+
+    PostgreSQL sends jsonb as UTF-8 text; psycopg's default hands the bytes to ``json.loads``,
+    which first sniffs their encoding: decoding them as UTF-8 and parsing the string measured
+    about twice as fast on small payloads, a per-message cost of a no-op drain.
+    """
+    return _JSON.decode(data if isinstance(data, str) else str(data, "utf-8"))
+
+
 def _claimed(rows: Sequence[Any]) -> list[Claimed]:
     # The handler sees ``attempts`` as the failures before this attempt (its old meaning).
     return [
@@ -446,17 +459,39 @@ async def settle_many(
     """Run SETTLE_MANY; returns the ids it wrote (the rest were refused).
 
     ``kinds`` maps each kind of ``SETTLE_KINDS`` (a missing one is empty) to its columns:
-    ``ids``, ``owners``, ``attempts`` and the kind's own, as parallel sequences.
+    ``ids``, ``owners``, ``attempts`` and the kind's own, as parallel sequences. The keys go
+    as array literals (see ``array_literal``).
     """
     params: dict[str, Any] = {"now": now}
+    written = False
     for kind, own in SETTLE_KINDS.items():
         columns = kinds.get(kind, {})
-        for name in ("ids", "owners", "attempts", *own):
+        ids = columns.get("ids", ())
+        written = written or bool(ids)
+        params[f"{kind}_ids"] = array_literal(ids)
+        params[f"{kind}_owners"] = array_literal(columns.get("owners", ()))
+        params[f"{kind}_attempts"] = array_literal(columns.get("attempts", ()))
+        for name in own:
             params[f"{kind}_{name}"] = list(columns.get(name, ()))
-    if not any(params[f"{kind}_ids"] for kind in SETTLE_KINDS):
+    if not written:
         return set()
     result = await conn.execute(SETTLE_MANY, params)
     return {row[0] for row in result}
+
+
+def array_literal(values: Sequence[int | uuid.UUID]) -> str:
+    """``values`` (integers or UUIDs) as one PostgreSQL array literal, ``{1,2,3}``.
+
+    For the per-message keys of a settle (ids, owners, attempts): psycopg adapts a list element
+    by element in Python, measured at about four times the cost of formatting the literal (most
+    of it the UUIDs, which are one or two distinct owners repeated, so each is formatted once).
+    The statement casts the text to its array type. Only for values whose text needs no
+    quoting: never for free text such as errors or results.
+    """
+    if values and isinstance(values[0], uuid.UUID):
+        text = {value: str(value) for value in set(values)}
+        return "{" + ",".join([text[value] for value in values]) + "}"
+    return "{" + ",".join(map(str, values)) + "}"
 
 
 # --- HEARTBEAT --------------------------------------------------------------------------------

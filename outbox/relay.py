@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+from psycopg.types.json import set_json_loads
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from outbox import queries
@@ -837,6 +838,9 @@ class Relay:
         conn = await self.engine.connect()
         if role in ("claim", "settle"):
             await conn.execution_options(isolation_level="AUTOCOMMIT")
+        if role == "claim":
+            raw = await conn.get_raw_connection()
+            set_json_loads(queries.load_payload, raw.driver_connection)
         return conn
 
     async def _close_connections(self) -> None:
