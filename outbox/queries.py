@@ -206,7 +206,7 @@ _CLAIM_DUE = """
                            + make_interval(secs => CAST(:lease AS float8))
         FROM picked, async_commit
         WHERE o.id = picked.id AND async_commit.setting = 'off'
-        RETURNING o.id, o.message_id, o.topic, o.payload, o.attempts, o.created_at,
+        RETURNING o.id, o.message_id, o.topic, CAST(o.payload AS text), o.attempts, o.created_at,
                   picked.available_at AS position, picked.size
     )
     SELECT * FROM claimed ORDER BY position, id
@@ -248,8 +248,8 @@ CLAIM_ABANDONED = text(
                        + make_interval(secs => CAST(:lease AS float8))
     FROM picked
     WHERE o.id = picked.id
-    RETURNING o.id, o.message_id, o.topic, o.payload, o.attempts, o.created_at, picked.available_at,
-              picked.size
+    RETURNING o.id, o.message_id, o.topic, CAST(o.payload AS text), o.attempts, o.created_at,
+              picked.available_at, picked.size
     """
 )  # one row: RETURNING needs no order
 
@@ -290,24 +290,18 @@ class ClaimOwner:
     topics: Sequence[str]
 
 
-_JSON = json.JSONDecoder()
-
-
-def load_payload(data: str | bytes) -> Any:
-    """How the relay's claim connection loads ``payload`` (psycopg's ``set_json_loads``).
-
-    PostgreSQL sends jsonb as UTF-8 text; psycopg's default hands the bytes to ``json.loads``,
-    which first sniffs their encoding: decoding them as UTF-8 and parsing the string measured
-    about twice as fast on small payloads, a per-message cost of a no-op drain.
-    """
-    return _JSON.decode(data if isinstance(data, str) else str(data, "utf-8"))
-
-
 def _claimed(rows: Sequence[Any]) -> list[Claimed]:
+    """The claimed rows as the relay carries them.
+
+    Payloads come back as text and are parsed in one go, as one JSON array: psycopg's jsonb
+    loader is a Python call and a parse per row, measured at eight times the cost on no-op
+    payloads (1.2 ms against 0.14 ms for 1,000 rows) and twice on a typical mail's.
+    """
+    payloads = json.loads("[" + ",".join([r[3] for r in rows]) + "]") if rows else []
     # The handler sees ``attempts`` as the failures before this attempt (its old meaning).
     return [
-        Claimed(OutboxMessage(r[0], r[1], r[2], r[3], r[4] - 1, r[5]), r[4], r[6], int(r[7]))
-        for r in rows
+        Claimed(OutboxMessage(r[0], r[1], r[2], payload, r[4] - 1, r[5]), r[4], r[6], int(r[7]))
+        for r, payload in zip(rows, payloads, strict=True)
     ]
 
 

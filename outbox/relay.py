@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from psycopg.types.json import set_json_loads
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from outbox import queries
@@ -674,16 +673,11 @@ class Relay:
                 r.retrying += 1
             else:
                 r.dead += 1
-            lines.append(
-                SettledLine(
-                    outbox_id=row.id,
-                    topic=row.topic,
-                    attempt=done.job.claimed.attempt,
-                    outcome=label,
-                    duration_ms=done.seconds * 1000,
-                    error=None if isinstance(outcome, Sent) else outcome.error,
-                )
+            error = None if isinstance(outcome, Sent) else outcome.error
+            line = SettledLine(
+                row.id, row.topic, done.job.claimed.attempt, label, done.seconds * 1000, error
             )
+            lines.append(line)
             key = (label, row.topic)
             counts[key] = counts.get(key, 0) + 1
         self.settle_log.write(lines)
@@ -838,9 +832,6 @@ class Relay:
         conn = await self.engine.connect()
         if role in ("claim", "settle"):
             await conn.execution_options(isolation_level="AUTOCOMMIT")
-        if role == "claim":
-            raw = await conn.get_raw_connection()
-            set_json_loads(queries.load_payload, raw.driver_connection)
         return conn
 
     async def _close_connections(self) -> None:

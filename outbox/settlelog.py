@@ -83,9 +83,14 @@ class StreamSettleLog:
             ]
         else:
             stamp = logs.text_stamp(now)
-            out = [logs.text_line(stamp, _level(line), logger.name, line.text()) for line in lines]
+            # The text up to the message is the same for every line of a level: made once.
+            head = {level: logs.text_line(stamp, level, logger.name, "") for level in _LEVELS}
+            out = [head[_level(line)] + line.text() for line in lines]
         self._stream.write("\n".join(out) + "\n")
         self._stream.flush()
+
+
+_LEVELS = ("INFO", "WARNING")
 
 
 def _level(line: SettledLine) -> str:
