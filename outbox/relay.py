@@ -312,6 +312,7 @@ class Relay:
             logger.info("stopping: no new claims", extra={"action": "stop_relay"})
         self._stopping.set()
         self._slot_freed.set()
+        self._wake.set()
 
     # --- one run: the parts around the producer ----------------------------------------------
 
@@ -423,13 +424,7 @@ class Relay:
             elif mode == "drain":
                 await self._slot_wait()
                 continue
-            try:
-                async with asyncio.timeout(self.config.poll_interval):
-                    await _first(
-                        self._wake.wait(), self._stopping.wait(), self._slot_wait_forever()
-                    )
-            except TimeoutError:
-                pass
+            await self._idle()
 
     def _check_background(self) -> None:
         """A part that ended by itself ended on a bug: let it end the run, loudly."""
@@ -443,11 +438,19 @@ class Relay:
         self._slot_freed.clear()
         await self._slot_freed.wait()
 
-    async def _slot_wait_forever(self) -> None:
-        """Wakes an idle producer when abandoned rows were found (the rescuer sets the flag)."""
-        while not self._abandoned_due:
-            self._slot_freed.clear()
-            await self._slot_freed.wait()
+    async def _idle(self) -> None:
+        """Nothing due: until a NOTIFY, the poll interval, a stop or abandoned rows.
+
+        One event (``_wake``, which ``stop()`` and the rescuer set too), no race of tasks: a
+        NOTIFY reaches the next claim in one turn of the event loop.
+        """
+        if self._stopping.is_set() or self._abandoned_due:
+            return
+        try:
+            async with asyncio.timeout(self.config.poll_interval):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
 
     def _dispatch(self, claimed: Sequence[Claimed]) -> None:
         assert self._owner is not None
@@ -787,6 +790,7 @@ class Relay:
         if due and not self._abandoned_due:
             self._abandoned_due = True
             self._slot_freed.set()
+            self._wake.set()
 
     # --- the database ------------------------------------------------------------------------
 
