@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -174,6 +175,10 @@ async def serve_relay(
     settle_log = StreamSettleLog(sys.stderr, log_format)
     async with open_relay(settings, config, settle_log=settle_log) as relay:
         await _check_migrated(relay)
+        # What the process keeps for its life is loaded by now (modules, engine, handlers): kept
+        # out of the cyclic collector's sight, a full collection no longer walks its ~70,000
+        # objects (measured: a 20-70 ms pause, which every message in flight would wait out).
+        gc.freeze()
         if metrics_port is not None:
             _serve_metrics(metrics_port, metrics_host, relay)
         with on_stop(relay.stop):
