@@ -796,7 +796,9 @@ class Relay:
 
     @contextlib.asynccontextmanager
     async def _transaction(self, role: str = "misc") -> AsyncIterator[AsyncConnection]:
-        """A short transaction, committed on exit, on a connection kept for ``role``.
+        """A short transaction, committed on exit, on a connection kept for ``role``; for
+        ``claim`` and ``settle`` the connection is in autocommit (``_connect``), so each of their
+        statements is a transaction of its own.
 
         The producer (``claim``) and the completer (``settle``) each keep a connection checked
         out between transactions: a pool checkout pings the server first, a round trip that
