@@ -550,18 +550,20 @@ NOTE = """What bounds each figure:
   (about 18 us a parse, 4 per mail, some 70 us of the ~350 us a mail costs a process); sending
   the envelope with already-validated addresses would save most of that (not done yet).
 - **No-op (item 3)**: the relay's per-message Python work, not PostgreSQL: the SQL ceiling runs
-  the same statements faster. Since the claim commits on its own (attempt, owner and lease
-  stamped) and the completer settles outcomes in fenced transactions of their own, a batch costs
-  two short transactions instead of one long one; claims follow free workers, so they overlap
-  the sends. What is left: JSON decoding of each payload by psycopg, building the row objects,
-  a histogram observation and a settle line per message. The peers are bound by a commit (a WAL
+  the same statements faster. A batch costs two statements, each a transaction of its own in
+  autocommit: the claim (attempt, owner and lease stamped; committed without waiting for the WAL
+  flush) and the completer's fenced settle of a group of outcomes; claims follow free workers,
+  so they overlap the sends. What is left: loading the rows (payloads parsed as one JSON array
+  per batch), building the row objects, a settle line per message, and the task hand-offs. The peers are bound by a commit (a WAL
   flush) per job (procrastinate), by RabbitMQ round trips and prefork hand-offs (Celery), or by
   their own per-job Python work (pgqueuer). The peers run with their default settings here (no
   sweep of their processes, batch or pool yet): a sweep from outside got pgqueuer to about 2x
   the no-op figure the previous page showed for it, so treat the ratios as an upper bound.
 - **Latency (item 5)**: at 100/s each message is a batch of its own: the wake-up through
-  LISTEN/NOTIFY, a claim (its own commit), one SMTP round trip, then the completer's settle (a
-  second commit, which the next claim does not wait for). The tail moves between runs on this
+  LISTEN/NOTIFY, a claim (one round trip: a single statement whose commit does not wait for the
+  WAL flush), the SMTP exchange, then the completer's settle (a synchronous commit, which the
+  next claim does not wait for). A claim that took every due row is not followed by another:
+  the relay waits for the next NOTIFY. The tail moves between runs on this
   shared machine with the same code (earlier pages: p99 7.9 ms in one run, 20.5 ms in another).
   At 1,000/s the producers and the relays share 2 cores with PostgreSQL.
 - **Scale (item 6)**: the claim walks the partial index `ix_outbox_due`, so a million kept sent
