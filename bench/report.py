@@ -554,11 +554,12 @@ NOTE = """What bounds each figure:
   autocommit: the claim (attempt, owner and lease stamped; committed without waiting for the WAL
   flush) and the completer's fenced settle of a group of outcomes; claims follow free workers,
   so they overlap the sends. What is left: loading the rows (payloads parsed as one JSON array
-  per batch), building the row objects, a settle line per message, and the task hand-offs. The peers are bound by a commit (a WAL
-  flush) per job (procrastinate), by RabbitMQ round trips and prefork hand-offs (Celery), or by
-  their own per-job Python work (pgqueuer). The peers run with their default settings here (no
-  sweep of their processes, batch or pool yet): a sweep from outside got pgqueuer to about 2x
-  the no-op figure the previous page showed for it, so treat the ratios as an upper bound.
+  per batch), building the row objects, a settle line per message, and the task hand-offs.
+  The peers are bound by a commit (a WAL flush) per job (procrastinate), by RabbitMQ round trips
+  and prefork hand-offs (Celery), or by their own per-job Python work (pgqueuer). The peers run
+  with their default settings here (no sweep of their processes, batch or pool yet): a sweep
+  from outside got pgqueuer to about 2x the no-op figure the previous page showed for it, so
+  treat the ratios as an upper bound.
 - **Latency (item 5)**: at 100/s each message is a batch of its own: the wake-up through
   LISTEN/NOTIFY, a claim (one round trip: a single statement whose commit does not wait for the
   WAL flush), the SMTP exchange, then the completer's settle (a synchronous commit, which the
