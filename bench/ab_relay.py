@@ -63,18 +63,31 @@ class RelaysAt(Relays):
         return self
 
 
-def cpu_seconds(relays: Relays) -> float:
-    """User + system CPU the relay processes used so far."""
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU the processes ``pids`` used so far (those still alive)."""
     total = 0.0
-    for p in relays.procs:
-        times = psutil.Process(p.pid).cpu_times()
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.NoSuchProcess:
+            continue
         total += times.user + times.system
     return total
 
 
-def noop_round(root: Path, url: str, sink: Sink, n: int) -> tuple[float, float]:
-    """(rate, relay CPU microseconds per message): the CPU figure holds better than the rate
-    when other work shares the machine."""
+def backend_pids(url: str) -> list[int]:
+    """The server processes of the relays' sessions on ``url``'s database."""
+    with connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name LIKE 'outbox-%%'"
+        ).fetchall()
+    return [row[0] for row in rows]
+
+
+def noop_round(root: Path, url: str, sink: Sink, n: int) -> tuple[float, float, float]:
+    """(rate, relay CPU and its server processes' CPU, microseconds per message): the CPU
+    figures hold better than the rate when other work shares the machine."""
     with RelaysAt(
         root,
         url,
@@ -87,13 +100,15 @@ def noop_round(root: Path, url: str, sink: Sink, n: int) -> tuple[float, float]:
     ) as relays:
         truncate_outbox(url)
         fill_outbox(url, n, topic="noop", email=False)
-        cpu = cpu_seconds(relays)
+        procs = [p.pid for p in relays.procs]
+        backends = backend_pids(url)
+        cpu, server = cpu_seconds(procs), cpu_seconds(backends)
         with connect(url, autocommit=True) as conn:
             conn.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
         if not wait_drained(url, timeout=300, every=0.1):
             raise TimeoutError("relay did not drain")
-        cpu = cpu_seconds(relays) - cpu
-        return rate_10_90(sent_times(url)), cpu / n * 1e6
+        cpu, server = cpu_seconds(procs) - cpu, cpu_seconds(backends) - server
+        return rate_10_90(sent_times(url)), cpu / n * 1e6, server / n * 1e6
 
 
 def latency_round(root: Path, url: str, sink: Sink, seconds: float) -> dict[str, float]:
@@ -121,16 +136,23 @@ def main(argv: list[str] | None = None) -> int:
             url = b.create_db("ab_noop")
             rates: dict[str, list[float]] = {"A": [], "B": []}
             cpus: dict[str, list[float]] = {"A": [], "B": []}
+            servers: dict[str, list[float]] = {"A": [], "B": []}
             for r in range(args.rounds):
                 for side in ("A", "B") if r % 2 == 0 else ("B", "A"):
-                    rate, cpu = noop_round(sides[side], url, sink, args.n)
+                    rate, cpu, server = noop_round(sides[side], url, sink, args.n)
                     rates[side].append(rate)
                     cpus[side].append(cpu)
-                    log(f"noop round {r} {side}: {rate:.0f}/s, relay CPU {cpu:.1f} us/message")
+                    servers[side].append(server)
+                    log(
+                        f"noop round {r} {side}: {rate:.0f}/s, relay CPU {cpu:.1f} us/message,"
+                        f" its PostgreSQL backends {server:.1f} us/message"
+                    )
             a, bb = median(rates["A"]), median(rates["B"])
             ca, cb = median(cpus["A"]), median(cpus["B"])
+            sa, sb = median(servers["A"]), median(servers["B"])
             log(f"noop: A {a:.0f}/s  B {bb:.0f}/s  B/A {bb / a:.2f}")
-            log(f"noop CPU: A {ca:.1f} us/msg  B {cb:.1f} us/msg  A/B {ca / cb:.2f}")
+            log(f"noop relay CPU: A {ca:.1f} us/msg  B {cb:.1f} us/msg  A/B {ca / cb:.2f}")
+            log(f"noop backend CPU: A {sa:.1f} us/msg  B {sb:.1f} us/msg  A/B {sa / sb:.2f}")
             b.drop_db(url)
         if "latency" in args.only:
             url = b.create_db("ab_latency")

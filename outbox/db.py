@@ -85,7 +85,7 @@ def _set_local_on_begin(engine: AsyncEngine, settings: dict[str, str]) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _set_local(conn: Connection) -> None:
-        # In autocommit (the relay's claims) each statement is its own transaction: a local
+        # In autocommit (the relay's statements) each statement is its own transaction: a local
         # setting would end with this one, and cost a round trip for nothing.
         if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
             conn.execute(SET_LOCAL_MANY, params)

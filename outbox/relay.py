@@ -128,7 +128,8 @@ class RelayConfig:
 
     @property
     def idle_in_transaction_timeout(self) -> float:
-        """The relay's transactions are a single claim or settle: none should ever sit idle.
+        """The relay runs each statement in autocommit: none of its sessions should ever sit
+        idle in a transaction.
 
         Kept as a safety net (a bug, a frozen process inside one): PostgreSQL ends such a
         session, and its row locks with it, after this long.
@@ -796,9 +797,8 @@ class Relay:
 
     @contextlib.asynccontextmanager
     async def _transaction(self, role: str = "misc") -> AsyncIterator[AsyncConnection]:
-        """A short transaction, committed on exit, on a connection kept for ``role``; for
-        ``claim`` and ``settle`` the connection is in autocommit (``_connect``), so each of their
-        statements is a transaction of its own.
+        """A connection kept for ``role``, in autocommit (``_connect``): each statement run on it
+        is a short transaction of its own.
 
         The producer (``claim``) and the completer (``settle``) each keep a connection checked
         out between transactions: a pool checkout pings the server first, a round trip that
@@ -829,15 +829,15 @@ class Relay:
                     await conn.close()
 
     async def _connect(self, role: str) -> AsyncConnection:
-        """A new connection for ``role``; the producer's and the completer's are in autocommit.
+        """A new connection for ``role``, in autocommit.
 
-        Every claim (``CLAIM_DUE``) and every settle (``SETTLE_MANY``) is one statement that
-        commits on its own, so BEGIN and COMMIT would be two round trips more each, for nothing
-        (and, for a claim, between a NOTIFY and the handler).
+        Every statement the relay runs is a transaction of its own: a claim (``CLAIM_DUE``), a
+        settle (``SETTLE_MANY``), a lease renewal, a rescue, a look-up. BEGIN and COMMIT would
+        be two round trips more each, for nothing: between a NOTIFY and the handler for a claim,
+        and, for the rescuer's ticks once a second, beside the sends of a relay at a low rate.
         """
         conn = await self.engine.connect()
-        if role in ("claim", "settle"):
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
         return conn
 
     async def _close_connections(self) -> None:
