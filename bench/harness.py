@@ -262,7 +262,7 @@ def pg_sql(statement: TextClause) -> str:
 
 CLAIM_SQL = pg_sql(queries.CLAIM_DUE)
 CLAIM_AFTER_SQL = pg_sql(queries.CLAIM_DUE_AFTER)
-MARK_SENT_SQL = pg_sql(queries.MARK_SENT_MANY)
+SETTLE_SQL = pg_sql(queries.SETTLE_MANY)
 INSERT_SQL = pg_sql(queries.INSERT_MESSAGE)
 INSERT_NOTIFY_SQL = pg_sql(queries.INSERT_MESSAGE_NOTIFY)
 DUE_EXISTS_SQL = "SELECT EXISTS (SELECT 1 FROM outbox WHERE sent_at IS NULL AND dead_at IS NULL)"

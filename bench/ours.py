@@ -23,8 +23,8 @@ from bench.harness import (
     DUE_EXISTS_SQL,
     INSERT_NOTIFY_SQL,
     INSERT_SQL,
-    MARK_SENT_SQL,
     NOTIFY_CHANNEL,
+    SETTLE_SQL,
     Bench,
     Relays,
     connect,
@@ -38,6 +38,7 @@ from bench.harness import (
 from bench.runner import Committed, latency_run, median_runs, open_loop
 from bench.sink import Sink
 from bench.stats import median, rate_10_90, ratio
+from outbox import queries
 
 RELAY_CONCURRENCY = 16
 # How often the relay claims from the start of the due index while it resumes full batches (the
@@ -131,25 +132,20 @@ def _sql_worker(url: str, batch: int, go: Event) -> None:
                 rescan_at = time.monotonic() + RESCAN_EVERY_S
             if not rows:
                 return
-            rows.sort(key=lambda r: (r[6], r[0]))
             after = (rows[-1][6], rows[-1][0]) if len(rows) == batch else None
             ids = [r[0] for r in rows]
-            conn.execute(
-                MARK_SENT_SQL,
-                {
-                    "ids": ids,
-                    "owners": [owner] * len(ids),
-                    "attempts": [r[4] for r in rows],
-                    "results": [None] * len(ids),
-                    "now": None,
-                },
-                prepare=True,
-            )
+            sent = {
+                "ids": ids,
+                "owners": [owner] * len(ids),
+                "attempts": [r[4] for r in rows],
+                "results": [None] * len(ids),
+            }
+            conn.execute(SETTLE_SQL, queries.settle_params(None, sent=sent), prepare=True)
 
 
 def sql_ceiling(url: str, n: int, *, procs: int, batch: int) -> float:
-    """The bare SQL loop: same CLAIM_DUE and MARK_SENT_MANY, psycopg, no relay code (two short
-    transactions per batch, as the relay does)."""
+    """The bare SQL loop: same CLAIM_DUE and SETTLE_MANY, psycopg, no relay code (two
+    statements per batch in autocommit, as the relay does)."""
     truncate_outbox(url)
     fill_outbox(url, n, topic="noop", email=False)
     ctx = multiprocessing.get_context("spawn")

@@ -306,7 +306,7 @@ def _noop(page: _Page, noop: dict[str, Any]) -> None:
         "acks and prefetch at their defaults, no result backend; relay: 2 `outbox relay`). "
         "The SQL ceiling is a psycopg loop running the "
         "relay's own `CLAIM_DUE` / `CLAIM_DUE_AFTER` (resuming where the last full batch "
-        "stopped, as `outbox.claim` does) and `MARK_SENT_MANY` statements with no relay code."
+        "stopped, as `outbox.claim` does) and `SETTLE_MANY` statements with no relay code."
     )
     add("")
     add("| batch size | relay /s | SQL ceiling /s | relay / SQL |")

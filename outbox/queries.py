@@ -176,7 +176,8 @@ SELECT_NOW = text("SELECT statement_timestamp()")
 # The rows come back as a handler sees them plus their *old* available_at (the claim's position
 # in the index, for the resume point, and where a released row goes back to), in index order
 # (RETURNING alone is unordered; sorting here costs less than in Python).
-_CLAIM_DUE = """
+CLAIM_DUE = text(
+    """
     WITH async_commit AS MATERIALIZED (
         SELECT set_config('synchronous_commit', 'off', true) AS setting
     ),
@@ -184,7 +185,7 @@ _CLAIM_DUE = """
         SELECT id, available_at, pg_column_size(payload) AS size FROM outbox
         WHERE sent_at IS NULL AND dead_at IS NULL
           AND available_at <= coalesce(CAST(:now AS timestamptz), statement_timestamp())
-          {after}AND claimed_by IS NULL
+          AND claimed_by IS NULL
           AND topic = ANY(CAST(:topics AS text[]))
         ORDER BY available_at, id
         LIMIT :limit
@@ -211,13 +212,45 @@ _CLAIM_DUE = """
     )
     SELECT * FROM claimed ORDER BY position, id
     """
-CLAIM_DUE = text(_CLAIM_DUE.format(after=""))
+)
 # The same, from the resume point.
 CLAIM_DUE_AFTER = text(
-    _CLAIM_DUE.format(
-        after="AND (available_at, id)"
-        " > (CAST(:after_at AS timestamptz), CAST(:after_id AS bigint))\n          "
+    """
+    WITH async_commit AS MATERIALIZED (
+        SELECT set_config('synchronous_commit', 'off', true) AS setting
+    ),
+    candidates AS (
+        SELECT id, available_at, pg_column_size(payload) AS size FROM outbox
+        WHERE sent_at IS NULL AND dead_at IS NULL
+          AND available_at <= coalesce(CAST(:now AS timestamptz), statement_timestamp())
+          AND (available_at, id) > (CAST(:after_at AS timestamptz), CAST(:after_id AS bigint))
+          AND claimed_by IS NULL
+          AND topic = ANY(CAST(:topics AS text[]))
+        ORDER BY available_at, id
+        LIMIT :limit
+        FOR UPDATE SKIP LOCKED
+    ),
+    picked AS (
+        SELECT id, available_at, size FROM (
+            SELECT id, available_at, size,
+                   sum(size) OVER (ORDER BY available_at, id) - size AS before
+            FROM candidates
+        ) AS c
+        WHERE before < :budget
+    ),
+    claimed AS (
+        UPDATE outbox AS o
+        SET attempts = o.attempts + 1,
+            claimed_by = CAST(:owner AS uuid),
+            available_at = coalesce(CAST(:clock AS timestamptz), statement_timestamp())
+                           + make_interval(secs => CAST(:lease AS float8))
+        FROM picked, async_commit
+        WHERE o.id = picked.id AND async_commit.setting = 'off'
+        RETURNING o.id, o.message_id, o.topic, CAST(o.payload AS text), o.attempts, o.created_at,
+                  picked.available_at AS position, picked.size
     )
+    SELECT * FROM claimed ORDER BY position, id
+    """
 )
 
 # --- CLAIM_ABANDONED --------------------------------------------------------------------------
@@ -358,74 +391,26 @@ async def claim_abandoned(
     return claimed[0] if claimed else None
 
 
-# --- SETTLE_MANY (MARK_SENT_MANY / MARK_RETRY_MANY / MARK_DEAD_MANY / RELEASE_MANY) ------------
-# Settle many outcomes with one UPDATE per kind, the rows passed as parallel arrays and joined
-# by primary key. Each row is *fenced*: it is written only if it is still claimed by the owner and
-# attempt that ran it, and not settled. A relay whose rows were taken over (it froze or was cut
-# off past its lease, and another relay claimed them) therefore cannot record an outcome for them:
-# its UPDATE matches zero rows, and RETURNING tells the caller which outcomes were refused.
-# ``attempts`` is not touched: the claim counted the attempt. ``claimed_by`` is cleared, which
-# also takes the row out of ix_outbox_claimed. A row with ``claimed_by`` set is never sent or dead
-# (every settle clears it), so the fence needs no "unsettled" test; leaving it out keeps these
-# statements off ix_outbox_claimed: with it, a prepared (generic) plan scanned that index once
-# per outcome, and a settle of 4,000 outcomes took 5 s instead of 30 ms (measured).
+# --- SETTLE_MANY ------------------------------------------------------------------------------
+# Settle many outcomes with one UPDATE per kind (sent, retry, dead, release), the rows passed as
+# parallel arrays and joined by primary key. Each row is *fenced*: it is written only if it is still
+# claimed by the owner and attempt that ran it, and not settled. A relay whose rows were taken over
+# (it froze or was cut off past its lease, and another relay claimed them) therefore cannot record
+# an outcome for them: its UPDATE matches zero rows, and RETURNING tells the caller which outcomes
+# were refused. ``attempts`` is not touched: the claim counted the attempt. ``claimed_by`` is
+# cleared, which also takes the row out of ix_outbox_claimed. A row with ``claimed_by`` set is never
+# sent or dead (every settle clears it), so the fence needs no "unsettled" test; leaving it out
+# keeps these statements off ix_outbox_claimed: with it, a prepared (generic) plan scanned that
+# index once per outcome, and a settle of 4,000 outcomes took 5 s instead of 30 ms (measured).
 #
-# RELEASE hands back claims that never started (a stop): the attempt is given back and the row
+# ``release`` hands back claims that never started (a stop): the attempt is given back and the row
 # returns to its old place in the due order, due at once.
 #
-# SETTLE_MANY is the four UPDATEs as one statement (a data-modifying CTE each, on disjoint rows:
-# a relay holds one claim per row), which the relay runs in autocommit: a group of outcomes is
-# written atomically in one round trip, with no BEGIN or COMMIT. A kind with no outcome passes
-# empty arrays and its UPDATE joins nothing. The commit is synchronous: a settle that is
-# reported (a "sent" line) is on disk. The four UPDATEs are also kept alone (``MARK_SENT_MANY``
-# is the benchmark's SQL ceiling).
-_MARK_SENT = """
-    UPDATE outbox AS o
-    SET sent_at = coalesce(CAST(:now AS timestamptz), statement_timestamp()),
-        result = u.result,
-        claimed_by = NULL
-    FROM unnest(CAST(:{k}ids AS bigint[]), CAST(:{k}owners AS uuid[]), CAST(:{k}attempts AS int[]),
-                CAST(:{k}results AS text[])) AS u(id, owner, attempt, result)
-    WHERE o.id = u.id AND o.claimed_by = u.owner AND o.attempts = u.attempt
-    RETURNING o.id
-"""
-_MARK_RETRY = """
-    UPDATE outbox AS o
-    SET available_at = coalesce(CAST(:now AS timestamptz), statement_timestamp())
-                       + make_interval(secs => u.delay),
-        last_error = u.error,
-        claimed_by = NULL
-    FROM unnest(CAST(:{k}ids AS bigint[]), CAST(:{k}owners AS uuid[]), CAST(:{k}attempts AS int[]),
-                CAST(:{k}delays AS float8[]), CAST(:{k}errors AS text[]))
-         AS u(id, owner, attempt, delay, error)
-    WHERE o.id = u.id AND o.claimed_by = u.owner AND o.attempts = u.attempt
-    RETURNING o.id
-"""
-_MARK_DEAD = """
-    UPDATE outbox AS o
-    SET dead_at = coalesce(CAST(:now AS timestamptz), statement_timestamp()),
-        last_error = u.error,
-        claimed_by = NULL
-    FROM unnest(CAST(:{k}ids AS bigint[]), CAST(:{k}owners AS uuid[]), CAST(:{k}attempts AS int[]),
-                CAST(:{k}errors AS text[])) AS u(id, owner, attempt, error)
-    WHERE o.id = u.id AND o.claimed_by = u.owner AND o.attempts = u.attempt
-    RETURNING o.id
-"""
-_RELEASE = """
-    UPDATE outbox AS o
-    SET attempts = o.attempts - 1,
-        available_at = u.available_at,
-        claimed_by = NULL
-    FROM unnest(CAST(:{k}ids AS bigint[]), CAST(:{k}owners AS uuid[]), CAST(:{k}attempts AS int[]),
-                CAST(:{k}available_ats AS timestamptz[])) AS u(id, owner, attempt, available_at)
-    WHERE o.id = u.id AND o.claimed_by = u.owner AND o.attempts = u.attempt
-    RETURNING o.id
-"""
-MARK_SENT_MANY = text(_MARK_SENT.format(k=""))
-MARK_RETRY_MANY = text(_MARK_RETRY.format(k=""))
-MARK_DEAD_MANY = text(_MARK_DEAD.format(k=""))
-RELEASE_MANY = text(_RELEASE.format(k=""))
-# The kinds of SETTLE_MANY and the columns each takes besides ids, owners and attempts.
+# The four UPDATEs are one statement (a data-modifying CTE each, on disjoint rows: a relay holds
+# one claim per row), which the relay runs in autocommit: a group of outcomes is written
+# atomically in one round trip, with no BEGIN or COMMIT. A kind with no outcome passes empty
+# arrays and its UPDATE joins nothing. The commit is synchronous: a settle that is reported (a
+# "sent" line) is on disk. ``settle_params`` spells the arguments.
 SETTLE_KINDS: dict[str, tuple[str, ...]] = {
     "sent": ("results",),
     "retry": ("delays", "errors"),
@@ -433,15 +418,73 @@ SETTLE_KINDS: dict[str, tuple[str, ...]] = {
     "release": ("available_ats",),
 }
 SETTLE_MANY = text(
-    f"""
-    WITH sent AS ({_MARK_SENT.format(k="sent_")}),
-    retry AS ({_MARK_RETRY.format(k="retry_")}),
-    dead AS ({_MARK_DEAD.format(k="dead_")}),
-    release AS ({_RELEASE.format(k="release_")})
+    """
+    WITH sent AS (
+        UPDATE outbox AS o
+        SET sent_at = coalesce(CAST(:now AS timestamptz), statement_timestamp()),
+            result = u.result,
+            claimed_by = NULL
+        FROM unnest(CAST(:sent_ids AS bigint[]), CAST(:sent_owners AS uuid[]),
+                    CAST(:sent_attempts AS int[]), CAST(:sent_results AS text[]))
+             AS u(id, owner, attempt, result)
+        WHERE o.id = u.id AND o.claimed_by = u.owner AND o.attempts = u.attempt
+        RETURNING o.id
+    ),
+    retry AS (
+        UPDATE outbox AS o
+        SET available_at = coalesce(CAST(:now AS timestamptz), statement_timestamp())
+                           + make_interval(secs => u.delay),
+            last_error = u.error,
+            claimed_by = NULL
+        FROM unnest(CAST(:retry_ids AS bigint[]), CAST(:retry_owners AS uuid[]),
+                    CAST(:retry_attempts AS int[]),
+                    CAST(:retry_delays AS float8[]), CAST(:retry_errors AS text[]))
+             AS u(id, owner, attempt, delay, error)
+        WHERE o.id = u.id AND o.claimed_by = u.owner AND o.attempts = u.attempt
+        RETURNING o.id
+    ),
+    dead AS (
+        UPDATE outbox AS o
+        SET dead_at = coalesce(CAST(:now AS timestamptz), statement_timestamp()),
+            last_error = u.error,
+            claimed_by = NULL
+        FROM unnest(CAST(:dead_ids AS bigint[]), CAST(:dead_owners AS uuid[]),
+                    CAST(:dead_attempts AS int[]), CAST(:dead_errors AS text[]))
+             AS u(id, owner, attempt, error)
+        WHERE o.id = u.id AND o.claimed_by = u.owner AND o.attempts = u.attempt
+        RETURNING o.id
+    ),
+    release AS (
+        UPDATE outbox AS o
+        SET attempts = o.attempts - 1,
+            available_at = u.available_at,
+            claimed_by = NULL
+        FROM unnest(CAST(:release_ids AS bigint[]), CAST(:release_owners AS uuid[]),
+                    CAST(:release_attempts AS int[]),
+                    CAST(:release_available_ats AS timestamptz[]))
+             AS u(id, owner, attempt, available_at)
+        WHERE o.id = u.id AND o.claimed_by = u.owner AND o.attempts = u.attempt
+        RETURNING o.id
+    )
     SELECT id FROM sent UNION ALL SELECT id FROM retry
     UNION ALL SELECT id FROM dead UNION ALL SELECT id FROM release
     """
 )
+
+
+def settle_params(now: datetime | None, **kinds: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
+    """SETTLE_MANY's parameters. ``kinds`` maps each kind of ``SETTLE_KINDS`` (a missing one is
+    empty) to its columns: ``ids``, ``owners``, ``attempts`` and the kind's own, as parallel
+    sequences. The keys go as array literals (see ``array_literal``)."""
+    params: dict[str, Any] = {"now": now}
+    for kind, own in SETTLE_KINDS.items():
+        columns = kinds.get(kind, {})
+        params[f"{kind}_ids"] = array_literal(columns.get("ids", ()))
+        params[f"{kind}_owners"] = array_literal(columns.get("owners", ()))
+        params[f"{kind}_attempts"] = array_literal(columns.get("attempts", ()))
+        for name in own:
+            params[f"{kind}_{name}"] = list(columns.get(name, ()))
+    return params
 
 
 async def settle_many(
@@ -450,26 +493,11 @@ async def settle_many(
     now: datetime | None,
     **kinds: Mapping[str, Sequence[Any]],
 ) -> set[int]:
-    """Run SETTLE_MANY; returns the ids it wrote (the rest were refused).
-
-    ``kinds`` maps each kind of ``SETTLE_KINDS`` (a missing one is empty) to its columns:
-    ``ids``, ``owners``, ``attempts`` and the kind's own, as parallel sequences. The keys go
-    as array literals (see ``array_literal``).
-    """
-    params: dict[str, Any] = {"now": now}
-    written = False
-    for kind, own in SETTLE_KINDS.items():
-        columns = kinds.get(kind, {})
-        ids = columns.get("ids", ())
-        written = written or bool(ids)
-        params[f"{kind}_ids"] = array_literal(ids)
-        params[f"{kind}_owners"] = array_literal(columns.get("owners", ()))
-        params[f"{kind}_attempts"] = array_literal(columns.get("attempts", ()))
-        for name in own:
-            params[f"{kind}_{name}"] = list(columns.get(name, ()))
-    if not written:
+    """Run SETTLE_MANY (see ``settle_params``); returns the ids it wrote (the rest were
+    refused)."""
+    if not any(columns.get("ids") for columns in kinds.values()):
         return set()
-    result = await conn.execute(SETTLE_MANY, params)
+    result = await conn.execute(SETTLE_MANY, settle_params(now, **kinds))
     return {row[0] for row in result}
 
 
