@@ -177,7 +177,7 @@ def _build_parser(app_commands: dict[str, AppCommand]) -> argparse.ArgumentParse
         type=_positive_int,
         metavar="N",
         default=DEFAULT_CONCURRENCY,
-        help="sends in flight at once (and SMTP connections kept open)",
+        help="sends in flight at once, besides slow ones (see --slow-after, --max-slow)",
     )
     relay.add_argument(
         "--poll-interval",
