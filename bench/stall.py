@@ -4,8 +4,9 @@
 Each case drains 2,000 messages with ``Relay.drain()`` (batch 100, concurrency 16, send timeout
 2 s) on a database of its own. Handlers sleep 5 ms; a "hung" one sleeps until the relay's send
 timeout cuts it off. Slot utilisation is handler time (useful and hung) divided by wall time
-times slots. The point is the shape (what one hung send costs the whole relay), not the absolute
-rate; see ARCHITECTURE.md appendix A for the figures of the lock-holding relay this replaced.
+times ``concurrency``: it passes 100 % when slow sends run beside the workers (``max_slow``).
+The point is the shape (what one hung send costs the whole relay), not the absolute rate; see
+ARCHITECTURE.md appendix A for the figures of the lock-holding relay this replaced.
 
 Only the public ``Relay`` / ``RelayConfig`` / ``HandlerRegistry`` API is used, so the same script
 measures an older checkout too (``cd <checkout> && <venv>/bin/python -m bench.stall``);
