@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TypeVar
 
 from tenacity import (
     AsyncRetrying,
@@ -31,6 +31,9 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from outbox.dberrors import is_infrastructure_error
+
+T = TypeVar("T")
+D = TypeVar("D")
 
 # 0.1-0.2 s after the first failure, doubling up to 0.5-1 s.
 DATABASE_BASE_S = 0.2
@@ -60,14 +63,15 @@ class _stop_when(stop_base):
         return self._predicate()
 
 
-def database_retrying(
+async def retry_database(
+    func: Callable[[], Awaitable[T]],
     *,
     before_sleep: Callable[[RetryCallState], None],
     give_up: Callable[[], bool] | None = None,
-    default: Any = None,
+    default: D = None,  # type: ignore[assignment]
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-) -> AsyncRetrying:
-    """A tenacity controller for one database operation: ``await database_retrying(...)(func)``.
+) -> T | D:
+    """``await func()`` until it succeeds, on tenacity's ``AsyncRetrying``.
 
     ``before_sleep`` is called once per failed try, before the wait (``retry_state`` carries the
     try number, the error and the wait): the one log line per reconnect. With ``give_up``, the
@@ -75,7 +79,7 @@ def database_retrying(
     operation that must not be dropped (a settle) passes none and is retried until it succeeds.
     ``sleep`` is injectable so tests do not wait.
     """
-    return AsyncRetrying(
+    retrying = AsyncRetrying(
         retry=retry_if_exception(_retryable),
         wait=DATABASE_WAIT,
         stop=_stop_when(give_up) if give_up is not None else stop_never,
@@ -84,3 +88,11 @@ def database_retrying(
         reraise=True,
         sleep=sleep,
     )
+
+    async def attempt() -> T:
+        # A coroutine function of its own: tenacity calls anything else without awaiting it,
+        # and ``func`` is often a lambda that returns a coroutine.
+        return await func()
+
+    result: T | D = await retrying(attempt)
+    return result

@@ -52,7 +52,7 @@ from outbox.metrics import RelayMetrics
 from outbox.outcome import Dead, Outcome, Retry, Sent, classify, describe, stored_result
 from outbox.ownership import LeaseOnlyOwner, OwnerSession
 from outbox.queries import Claimed, ClaimOwner
-from outbox.reconnect import database_retrying
+from outbox.reconnect import retry_database
 from outbox.registry import HandlerRegistry
 from outbox.settlelog import LoggingSettleLog, SettledLine, SettleLog
 from outbox.watchdog import SendWatchdog
@@ -896,12 +896,12 @@ class Relay:
             assert error is not None  # tenacity sleeps only after a failed try
             self._log_database(what, error, failures, state.upcoming_sleep)
 
-        retrying = database_retrying(
+        result: Any = await retry_database(
+            func,
             before_sleep=before_sleep,
             give_up=self._stopping.is_set if give_up_on_stop else None,
             default=default,
         )
-        result: Any = await retrying(func)
         if failures:
             logger.info(
                 "database available again (%s) after %d tries",

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from tenacity import RetryCallState
 
-from outbox.reconnect import DATABASE_WAIT, database_retrying
+from outbox.reconnect import DATABASE_WAIT, retry_database
 
 
 class _Script:
@@ -39,10 +39,13 @@ class _Script:
 def _run(
     script: _Script, *, give_up: Callable[[], bool] | None = None, default: object = None
 ) -> Awaitable[object]:
-    retrying = database_retrying(
-        before_sleep=script.before_sleep, give_up=give_up, default=default, sleep=script.sleep
+    return retry_database(
+        lambda: script(),  # a lambda that returns a coroutine, as the relay passes
+        before_sleep=script.before_sleep,
+        give_up=give_up,
+        default=default,
+        sleep=script.sleep,
     )
-    return retrying(script)
 
 
 async def test_reconnect_retries_connection_errors_with_one_log_call_per_try() -> None:
@@ -95,13 +98,14 @@ async def test_reconnect_gives_up_with_the_default_once_told_to() -> None:
             stopping.append(True)
 
     stopping: list[bool] = []
-    retrying = database_retrying(
+    result: str | list[str] = await retry_database(
+        second_try_meets_a_stop,
         before_sleep=script.before_sleep,
         give_up=lambda: len(stopping) >= 2,
-        default=[],
+        default=["gave up"],
         sleep=script.sleep,
     )
-    assert await retrying(second_try_meets_a_stop) == []
+    assert result == ["gave up"]
     assert script.calls == 2 and script.logged == [(1, "OperationalError")]
 
 
