@@ -79,6 +79,13 @@ async def retry_database(
     operation that must not be dropped (a settle) passes none and is retried until it succeeds.
     ``sleep`` is injectable so tests do not wait.
     """
+    try:  # the usual case, without tenacity's machinery (about 140 us a call, measured)
+        return await func()
+    except Exception as exc:
+        if not _retryable(exc):
+            raise
+        failed: Exception | None = exc
+
     retrying = AsyncRetrying(
         retry=retry_if_exception(_retryable),
         wait=DATABASE_WAIT,
@@ -90,8 +97,13 @@ async def retry_database(
     )
 
     async def attempt() -> T:
-        # A coroutine function of its own: tenacity calls anything else without awaiting it,
-        # and ``func`` is often a lambda that returns a coroutine.
+        # Tenacity's first try is the failure above, so it decides, waits and logs it like any
+        # other. A coroutine function of its own: tenacity calls anything else without awaiting
+        # it, and ``func`` is often a lambda that returns a coroutine.
+        nonlocal failed
+        if failed is not None:
+            error, failed = failed, None
+            raise error
         return await func()
 
     result: T | D = await retrying(attempt)
