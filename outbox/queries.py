@@ -639,8 +639,11 @@ async def abandoned_due(
 # For `outbox status` and the dashboard. Each part reads only its own rows: pending, retrying and
 # the oldest due time walk ix_outbox_due (partial on "unsent and not dead", so sent rows cost
 # nothing; last_error is read from those rows), the dead count ix_outbox_dead_at, the sent count
-# ix_outbox_sent_at (an index-only scan once VACUUM has set the visibility map). Measured on
-# 1,000,000 sent rows and 1,000 unsent: 92 ms as one pass over the table, XX ms this way.
+# ix_outbox_sent_at (an index-only scan once VACUUM has set the visibility map; the planner may
+# scan a table of small rows instead). Measured (1,000,000 sent rows of ~450-byte mails, 2,000
+# dead, 1,000 unsent, vacuumed; medians of 15 interleaved runs on 2 busy cores): 302 ms as one
+# pass over the table, 83 ms this way; at 100,000 rows 31 ms and 6.8 ms. The unsent part takes
+# under a millisecond; what remains is the sent count, which still reads every sent entry.
 # oldest_pending_age_s is how long the oldest due, unsent message has been waiting since it became
 # due (0 when none is due), the figure to alert on: it grows when relays are down or cannot keep
 # up. A row in flight is not due (its available_at is its lease).
