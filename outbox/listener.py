@@ -92,8 +92,11 @@ class Listener:
         return conn
 
     async def _serve(self, conn: psycopg.AsyncConnection[Any]) -> bool:
-        """Wake the relay on every notification; True once the connection is lost."""
-        async with conn:
+        """Wake the relay on every notification; True once the connection is lost.
+
+        Closed, not left to ``async with`` (which commits on a clean exit, and the error that
+        ended the stream is handled here): closing a lost connection cannot raise."""
+        try:
             self._set_state(True)
             self._wake.set()  # anything sent while we were not listening
             try:
@@ -107,7 +110,9 @@ class Listener:
                     extra={"action": "listen_down"},
                 )
                 return True
-        return False  # the server ended the stream without an error: connect again
+            return False  # the server ended the stream without an error: connect again
+        finally:
+            await conn.close()
 
     def _connect_failed(self, state: RetryCallState) -> None:
         """One line per failed connect, with the wait before the next."""
