@@ -627,7 +627,7 @@ async def abandoned_due(
 #   pending   neither, and last_error IS NULL: never failed (due, scheduled, or on its first try)
 # ``attempts`` cannot tell: the attempt is counted when the claim starts it, so a message on its
 # first try has attempts = 1 and has failed nothing yet. last_error is what every failure writes
-# (MARK_RETRY_MANY; RESCUE_ABANDONED's "relay died" / "lease ran out"), and nothing else does: a
+# (MARK_RETRY_MANY; RESCUE_ABANDONED: RELAY_DIED or LEASE_EXPIRED), and nothing else does: a
 # release on stop (RELEASE_MANY) gives the attempt back and leaves last_error as it was, so a
 # first try handed back is pending again. A message whose relay died mid-try stays as it was
 # (pending on a first try) until a live relay rescues it, about a second later; from then on it
