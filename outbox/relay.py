@@ -44,6 +44,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from tenacity import RetryCallState
 
 from outbox import queries
 from outbox.backoff import database_delay
@@ -56,6 +57,7 @@ from outbox.metrics import RelayMetrics
 from outbox.outcome import Dead, Outcome, Retry, Sent, classify, describe, stored_result
 from outbox.ownership import LeaseOnlyOwner, OwnerSession
 from outbox.queries import Claimed, ClaimOwner
+from outbox.reconnect import retry_database
 from outbox.registry import HandlerRegistry
 from outbox.settlelog import LoggingSettleLog, SettledLine, SettleLog
 from outbox.watchdog import SendWatchdog
@@ -991,30 +993,32 @@ class Relay:
         default: Any = None,
     ) -> Any:
         """Run ``func`` until it succeeds, waiting out infrastructure errors (``outbox.dberrors``)
-        with backoff; other errors propagate. With ``give_up_on_stop`` (claims: nothing is lost
-        by not claiming) it returns ``default`` once the relay stops; settles never give up."""
+        with tenacity (``outbox.reconnect``); other errors propagate. With ``give_up_on_stop``
+        (claims: nothing is lost by not claiming) it returns ``default`` once the relay stops;
+        settles never give up."""
         failures = 0
-        while True:
-            try:
-                result = await func()
-            except Exception as exc:
-                if not is_infrastructure_error(exc):
-                    raise
-                if give_up_on_stop and self._stopping.is_set():
-                    return default
-                failures += 1
-                delay = database_delay(failures, self._rng)
-                self._log_database(what, exc, failures, delay)
-                await asyncio.sleep(delay)
-                continue
-            if failures:
-                logger.info(
-                    "database available again (%s) after %d tries",
-                    what,
-                    failures,
-                    extra={"action": "database_back"},
-                )
-            return result
+
+        def before_sleep(state: RetryCallState) -> None:
+            nonlocal failures
+            failures = state.attempt_number
+            error = state.outcome.exception() if state.outcome is not None else None
+            assert error is not None  # tenacity sleeps only after a failed try
+            self._log_database(what, error, failures, state.upcoming_sleep)
+
+        result: Any = await retry_database(
+            func,
+            before_sleep=before_sleep,
+            give_up=self._stopping.is_set if give_up_on_stop else None,
+            default=default,
+        )
+        if failures:
+            logger.info(
+                "database available again (%s) after %d tries",
+                what,
+                failures,
+                extra={"action": "database_back"},
+            )
+        return result
 
     def _log_database(self, what: str, exc: BaseException, failures: int, delay: float) -> None:
         """One line per try while the database is unavailable."""
