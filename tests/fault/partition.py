@@ -27,6 +27,7 @@ import random
 import shutil
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 
@@ -70,6 +71,12 @@ def _free_subnet(rng: random.Random) -> ipaddress.IPv4Network:
     raise RuntimeError("no free 10.x.y.z/30 subnet found")
 
 
+def _mac(show: list[str]) -> str:
+    """The MAC address in ``ip link show``'s output."""
+    out = subprocess.run(show, capture_output=True, text=True, check=True).stdout
+    return out.split("link/ether", 1)[1].split()[0]
+
+
 class Namespace:
     """A namespace ``name`` with ``ns_ip`` inside, joined to ``host_ip`` on this host."""
 
@@ -93,6 +100,15 @@ class Namespace:
             _run("ip", "-n", self.name, "addr", "add", f"{self.ns_ip}/30", "dev", self.ns_dev)
             _run("ip", "-n", self.name, "link", "set", self.ns_dev, "up")
             _run("ip", "-n", self.name, "link", "set", "lo", "up")
+            # Each end knows the other's MAC for good: a cut then drops IP packets only, as a
+            # partition beyond this link would, instead of also failing ARP (which the kernel
+            # reports to connecting sockets as "no route to host" within a few seconds).
+            host_mac = _mac(["ip", "link", "show", self.host_dev])
+            ns_mac = _mac(["ip", "-n", self.name, "link", "show", self.ns_dev])
+            _run("ip", "neigh", "replace", self.ns_ip, "lladdr", ns_mac, "dev", self.host_dev,
+                 "nud", "permanent")  # fmt: skip
+            _run("ip", "-n", self.name, "neigh", "replace", self.host_ip, "lladdr", host_mac,
+                 "dev", self.ns_dev, "nud", "permanent")  # fmt: skip
         except BaseException:
             self.close()
             raise
@@ -144,6 +160,8 @@ class TcpForwarder:
         self.host = host
         self.port: int = self._server.sockets[0].getsockname()[1]
         self._writers: set[asyncio.StreamWriter] = set()
+        # (unix time, peer, which side ended first and how): what a failing test prints.
+        self.events: list[tuple[float, str, str]] = []
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -155,10 +173,13 @@ class TcpForwarder:
         self._writers |= pair
         try:
             pipes = [
-                asyncio.create_task(self._pipe(reader, up_writer)),
-                asyncio.create_task(self._pipe(up_reader, writer)),
+                asyncio.create_task(self._pipe(reader, up_writer), name="client"),
+                asyncio.create_task(self._pipe(up_reader, writer), name="server"),
             ]
-            await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+            peer = str(writer.get_extra_info("peername"))
+            for task in done:
+                self.events.append((time.time(), peer, f"{task.get_name()}: {task.result()}"))
             for task in pipes:
                 task.cancel()
         finally:
@@ -167,11 +188,15 @@ class TcpForwarder:
             self._writers -= pair
 
     @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError):
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
+        """Copy until end of file (or an error); says which."""
+        try:
             while data := await reader.read(65536):
                 writer.write(data)
                 await writer.drain()
+        except OSError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return "end of file"
 
     def close(self) -> None:
         async def _close() -> None:
