@@ -169,7 +169,8 @@ def test_a_partitioned_relays_messages_are_taken_over_and_it_carries_on_after_th
         f"\n[partition] jobs={JOBS} lease={LEASE:.0f}s first taken over after "
         f"{first_takeover:.1f}s; cut for {healed_at - cut_at:.1f}s; after the heal: outcomes "
         f"refused within {refused_after:.1f}s, new messages delivered within "
-        f"{carried_on_after:.1f}s ({delivered_in:.1f}s after they were enqueued); attempts={sorted({r[0] for r in rows})}"
+        f"{carried_on_after:.1f}s ({delivered_in:.1f}s after they were enqueued); "
+        f"attempts={sorted({r[0] for r in rows})}"
     )
     for at, peer, how in pg_forwarder.events:
         print(f"  forwarder: {at - cut_at:+.1f}s {peer} {how}")
