@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -49,6 +50,12 @@ KEEPALIVE_ARGS: dict[str, Any] = {
     "tcp_user_timeout": 25_000,  # milliseconds
     "connect_timeout": 10,  # seconds
 }
+
+
+def connection_defaults(given: Iterable[str]) -> dict[str, Any]:
+    """``KEEPALIVE_ARGS`` less the settings a database URL already names: the user's choice wins
+    (keyword arguments to psycopg's connect override the URL's own parameters)."""
+    return {k: v for k, v in KEEPALIVE_ARGS.items() if k not in given}
 
 
 class Listener:
@@ -94,7 +101,10 @@ class Listener:
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         conn = await psycopg.AsyncConnection.connect(
-            self._dsn, autocommit=True, application_name="outbox-listen", **KEEPALIVE_ARGS
+            self._dsn,
+            autocommit=True,
+            application_name="outbox-listen",
+            **connection_defaults(conninfo_to_dict(self._dsn)),
         )
         try:
             await conn.execute(f"LISTEN {self._channel}")  # validated identifier
