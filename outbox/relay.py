@@ -844,6 +844,7 @@ class Relay:
 
     async def _heartbeat(self) -> None:
         """Extend the lease of every row this relay holds, every ``lease / 3`` seconds."""
+        failures = 0  # in a row, for the log line's "try N"
         while True:
             await asyncio.sleep(self.config.heartbeat_every)
             jobs = list(self._held.values())
@@ -859,11 +860,13 @@ class Relay:
                         lease=self.config.lease,
                         now=self._now(),
                     )
+                failures = 0
             except Exception as exc:
                 if not is_infrastructure_error(exc):
                     logger.error("renewing leases failed: %s", describe(exc), exc_info=exc)
                     continue
-                self._log_database("renew leases", exc, 1, self.config.heartbeat_every)
+                failures += 1
+                self._log_database("renew leases", exc, failures, self.config.heartbeat_every)
 
     async def _keep_owner(self) -> None:
         """Hold an owner lock (a new owner id per session), and rescue once a second."""
