@@ -1,14 +1,17 @@
 """Head-of-line measurement: drain 2,000 messages in-process with some sends that hang.
 
-``python -m bench.stall [--admin-url URL] [--rounds N]``. Each case drains 2,000 messages with
-``Relay.drain()`` (batch 100, concurrency 16, send timeout 2 s) on a database of its own. Handlers
-sleep 5 ms; a "hung" one sleeps until the relay's send timeout cuts it off. Slot utilisation is
-handler time (useful and hung) divided by wall time times slots. The point is the shape (what one
-hung send costs the whole relay), not the absolute rate; see ARCHITECTURE.md appendix A for the
-figures of the lock-holding relay this replaced.
+``python -m bench.stall [--admin-url URL] [--rounds N] [--slow-after S] [--max-slow N]``.
+Each case drains 2,000 messages with ``Relay.drain()`` (batch 100, concurrency 16, send timeout
+2 s) on a database of its own. Handlers sleep 5 ms; a "hung" one sleeps until the relay's send
+timeout cuts it off. Slot utilisation is handler time (useful and hung) divided by wall time
+times ``concurrency``: it passes 100 % when slow sends run beside the workers (``max_slow``).
+The point is the shape (what one hung send costs the whole relay), not the absolute rate; see
+ARCHITECTURE.md appendix A for the figures of the lock-holding relay this replaced.
 
 Only the public ``Relay`` / ``RelayConfig`` / ``HandlerRegistry`` API is used, so the same script
-measures an older checkout too (``PYTHONPATH=<checkout> python bench/stall.py``).
+measures an older checkout too (``cd <checkout> && <venv>/bin/python -m bench.stall``);
+``--slow-after`` and ``--max-slow`` are passed to ``RelayConfig`` only when given, for the same
+reason.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import asyncio
 import os
 import time
 import uuid
+from typing import Any
 
 import psycopg
 from sqlalchemy.engine import make_url
@@ -35,7 +39,10 @@ SEND_TIMEOUT = 2.0
 
 
 async def drain_once(
-    url: str, hang_every: int | None, handler_s: float = HANDLER_S
+    url: str,
+    hang_every: int | None,
+    handler_s: float = HANDLER_S,
+    slow: dict[str, Any] | None = None,
 ) -> tuple[float, int, int, float]:
     """(seconds, sent, retried, slot utilisation) of one drain."""
     busy = 0.0
@@ -53,7 +60,9 @@ async def drain_once(
     registry = HandlerRegistry()
     registry.register("t", handler)
     engine = create_engine(url, application_name="outbox-relay", pool_size=4)
-    config = RelayConfig(batch_size=BATCH, concurrency=CONCURRENCY, send_timeout=SEND_TIMEOUT)
+    config = RelayConfig(
+        batch_size=BATCH, concurrency=CONCURRENCY, send_timeout=SEND_TIMEOUT, **(slow or {})
+    )
     try:
         started = time.perf_counter()
         result = await Relay(engine, registry, config).drain()
@@ -84,6 +93,10 @@ def drop_database(admin_url: str, name: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
 
 
+def _describe(slow: dict[str, Any]) -> str:
+    return "".join(f", {key}={value:g}" for key, value in slow.items())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -94,7 +107,14 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=MESSAGES)
     parser.add_argument("--handler-ms", type=float, default=HANDLER_S * 1000)
     parser.add_argument("--only-none", action="store_true", help="skip the cases with hung sends")
+    parser.add_argument("--slow-after", type=float, help="RelayConfig.slow_after (seconds)")
+    parser.add_argument("--max-slow", type=int, help="RelayConfig.max_slow")
     args = parser.parse_args()
+    slow: dict[str, Any] = {}
+    if args.slow_after is not None:
+        slow["slow_after"] = args.slow_after
+    if args.max_slow is not None:
+        slow["max_slow"] = args.max_slow
     cases = (("none", None), ("1 per 400", 400), ("1 per 100", 100))
     for label, every in cases[:1] if args.only_none else cases:
         for _ in range(args.rounds):
@@ -103,14 +123,18 @@ def main() -> None:
                 url = make_url(args.admin_url).set(drivername="postgresql+psycopg", database=name)
                 took, sent, retried, used = asyncio.run(
                     drain_once(
-                        url.render_as_string(hide_password=False), every, args.handler_ms / 1000
+                        url.render_as_string(hide_password=False),
+                        every,
+                        args.handler_ms / 1000,
+                        slow,
                     )
                 )
             finally:
                 drop_database(args.admin_url, name)
             print(
                 f"{args.messages} x {args.handler_ms:g} ms, concurrency {CONCURRENCY} x batch "
-                f"{BATCH}, hung={label:>9}: {took:6.2f} s ({args.messages / took:,.0f}/s), "
+                f"{BATCH}{_describe(slow)}, hung={label:>9}: {took:6.2f} s "
+                f"({args.messages / took:,.0f}/s), "
                 f"sent={sent} retried={retried}, slot utilisation {used:.0%}",
                 flush=True,
             )

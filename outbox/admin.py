@@ -92,12 +92,14 @@ async def list_dead(engine: AsyncEngine, *, limit: int = 50) -> list[dict[str, A
 
 
 def message_state(row: Mapping[str, Any] | RowMapping) -> str:
-    """sent, dead, retrying or pending: derived from the timestamps as ``outbox status`` counts."""
+    """sent, dead, retrying or pending, by the rule ``outbox status`` counts with (see "The four
+    states" in ``outbox.queries``): retrying means it failed at least once (``last_error`` is
+    set) and will be tried again; a message on its first try is still pending."""
     if row["sent_at"] is not None:
         return "sent"
     if row["dead_at"] is not None:
         return "dead"
-    return "retrying" if row["attempts"] > 0 else "pending"
+    return "retrying" if row["last_error"] is not None else "pending"
 
 
 async def show(engine: AsyncEngine, ref: int | uuid.UUID) -> dict[str, Any] | None:

@@ -1,17 +1,18 @@
 """Retry delays: exponential, capped, with jitter. Pure, so tests pass their own ``rng``.
 
-The one backoff of the project: message retries (``outbox.outcome``), the relay's waits for its
-database and the LISTEN connection's reconnects all use ``next_delay``.
+``next_delay`` schedules a message's next try (``outbox.outcome``): the delay is stored as the
+row's ``available_at``, from seconds up to an hour, and counted by the row's ``attempts``. Waiting
+for the database is another job (an in-process sleep between tries of one statement, capped at a
+second, counted by the loop) and is tenacity's, in ``outbox.reconnect``; ``database_delay`` is the
+same wait for the one loop not on tenacity yet, the relay's owner-lock session
+(``Relay._keep_owner``), whose count starts again after every session that opened.
 """
 
 from __future__ import annotations
 
 import random
 
-# Waiting for the database: 0.1-0.2 s, then doubling up to 0.5-1 s, so a relay resumes within
-# about a second of the database coming back, and a hundred relays do not retry in step.
-DATABASE_BASE_S = 0.2
-DATABASE_CAP_S = 1.0
+from outbox.reconnect import DATABASE_BASE_S, DATABASE_CAP_S
 
 
 def next_delay(attempts: int, *, base: float, cap: float, rng: random.Random) -> float:

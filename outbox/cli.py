@@ -177,7 +177,7 @@ def _build_parser(app_commands: dict[str, AppCommand]) -> argparse.ArgumentParse
         type=_positive_int,
         metavar="N",
         default=DEFAULT_CONCURRENCY,
-        help="sends in flight at once (and SMTP connections kept open)",
+        help="sends in flight at once, besides slow ones (see --slow-after, --max-slow)",
     )
     relay.add_argument(
         "--poll-interval",
@@ -192,6 +192,20 @@ def _build_parser(app_commands: dict[str, AppCommand]) -> argparse.ArgumentParse
         default=DEFAULT_SEND_TIMEOUT,
         metavar="SECONDS",
         help="give up on one send after this long (it is retried later)",
+    )
+    relay.add_argument(
+        "--slow-after",
+        type=float,
+        metavar="SECONDS",
+        help="a send running this long stops counting against --concurrency and another send "
+        "starts beside it (default: an eighth of --send-timeout)",
+    )
+    relay.add_argument(
+        "--max-slow",
+        type=int,
+        metavar="N",
+        help="slow sends that may run beside --concurrency at once; past that a slow send keeps "
+        "its worker (default: as many as --concurrency; 0: never more than --concurrency sends)",
     )
     relay.add_argument(
         "--max-attempts",
@@ -530,6 +544,8 @@ def _cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         poll_interval=args.poll_interval,
         send_timeout=args.send_timeout,
+        slow_after=args.slow_after,
+        max_slow=args.max_slow,
         max_attempts=args.max_attempts,
         backoff_base=args.backoff_base,
         backoff_cap=args.backoff_cap,

@@ -21,10 +21,10 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import event, text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from outbox.listener import KEEPALIVE_ARGS
+from outbox.listener import connection_defaults
 from outbox.settings import libpq_url, normalise_database_url, split_pgbouncer_marker
 
 
@@ -48,7 +48,10 @@ def create_engine(
     if idle_in_transaction_timeout is not None:
         ms = int(idle_in_transaction_timeout * 1000)
         session_settings["idle_in_transaction_session_timeout"] = str(ms)
-    connect_args: dict[str, Any] = {"application_name": application_name, **KEEPALIVE_ARGS}
+    connect_args: dict[str, Any] = {
+        "application_name": application_name,
+        **connection_defaults(make_url(url).query),
+    }
     if pooled:
         connect_args["prepare_threshold"] = None
     elif session_settings:

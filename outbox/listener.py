@@ -2,7 +2,8 @@
 
 A notification is only a hint to look now: the relay polls anyway, so a dropped LISTEN connection
 slows wake-ups down to the poll interval but loses nothing. When the connection drops the listener
-says so (log + ``connected`` flag), keeps retrying with backoff, and wakes the relay once it is
+says so (log + ``connected`` flag), reconnects at once and then keeps retrying with backoff
+(tenacity, the shape of ``outbox.reconnect`` with a longer cap), and wakes the relay once it is
 back, since notifications sent meanwhile were missed.
 """
 
@@ -10,25 +11,51 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    wait_exponential,
+    wait_random_exponential,
+)
+from tenacity.wait import wait_base
 
-from outbox.backoff import next_delay
+from outbox.reconnect import DATABASE_BASE_S
 from outbox.schema import NOTIFY_CHANNEL
 
 logger = logging.getLogger(__name__)
 
-# libpq TCP keepalives: a peer that vanished without closing (host died, cable cut) is noticed
-# within about idle + interval * count = 25 s instead of the kernel default of hours.
+# How every outbox connection notices a network that drops its packets (a host that died, a
+# cable cut, a partition), with libpq's own settings:
+# - keepalives: an idle connection whose peer vanished is dropped within about idle + interval *
+#   count = 25 s instead of the kernel default of hours;
+# - tcp_user_timeout: so is one with a request in flight. Keepalives are not sent while data
+#   waits to be acknowledged; TCP then retransmits with a doubling delay for about 15 minutes
+#   (tcp_retries2), and a query sent during a partition is only answered at the first
+#   retransmission after the network comes back: measured, a relay cut off for 60 s claimed
+#   nothing for 49 s more (tests/fault/test_partition.py). Dropped at 25 s, the relay reconnects
+#   instead, and a fresh connection gets through as soon as the network is back;
+# - connect_timeout: a connection attempt into the void gives up after 10 s and is tried again,
+#   instead of waiting out the kernel's SYN retries (psycopg's default: 130 s).
 KEEPALIVE_ARGS: dict[str, Any] = {
     "keepalives": 1,
     "keepalives_idle": 10,
     "keepalives_interval": 5,
     "keepalives_count": 3,
+    "tcp_user_timeout": 25_000,  # milliseconds
+    "connect_timeout": 10,  # seconds
 }
+
+
+def connection_defaults(given: Iterable[str]) -> dict[str, Any]:
+    """``KEEPALIVE_ARGS`` less the settings a database URL already names: the user's choice wins
+    (keyword arguments to psycopg's connect override the URL's own parameters)."""
+    return {k: v for k, v in KEEPALIVE_ARGS.items() if k not in given}
 
 
 class Listener:
@@ -48,7 +75,6 @@ class Listener:
         self._channel = channel
         self._on_state = on_state
         self._max_backoff = max_backoff
-        self._rng = random.Random()
         self.connected = False
 
     def _set_state(self, connected: bool) -> None:
@@ -58,29 +84,74 @@ class Listener:
                 self._on_state(connected)
 
     async def run(self) -> None:
-        """Listen until cancelled."""
-        failures = 0
+        """Listen until cancelled: connect (retried by tenacity while it fails), serve the
+        notifications until the connection drops, start again with a fresh count."""
+        restored = False
         while True:
+            retrying = AsyncRetrying(
+                retry=retry_if_exception_type((psycopg.Error, OSError)),
+                wait=_listen_wait(self._max_backoff),
+                before_sleep=self._connect_failed,
+                reraise=True,
+            )
+            conn: psycopg.AsyncConnection[Any] = await retrying(self._connect)
+            if restored or retrying.statistics.get("attempt_number", 1) > 1:
+                logger.info("listen connection restored", extra={"action": "listen_up"})
+            restored = await self._serve(conn)
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        conn = await psycopg.AsyncConnection.connect(
+            self._dsn,
+            autocommit=True,
+            application_name="outbox-listen",
+            **connection_defaults(conninfo_to_dict(self._dsn)),
+        )
+        try:
+            await conn.execute(f"LISTEN {self._channel}")  # validated identifier
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def _serve(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        """Wake the relay on every notification; True once the connection is lost.
+
+        Closed, not left to ``async with`` (which commits on a clean exit, and the error that
+        ended the stream is handled here): closing a lost connection cannot raise."""
+        try:
+            self._set_state(True)
+            self._wake.set()  # anything sent while we were not listening
             try:
-                async with await psycopg.AsyncConnection.connect(
-                    self._dsn, autocommit=True, application_name="outbox-listen", **KEEPALIVE_ARGS
-                ) as conn:
-                    await conn.execute(f"LISTEN {self._channel}")  # validated identifier
-                    if failures:
-                        logger.info("listen connection restored", extra={"action": "listen_up"})
-                    failures = 0
-                    self._set_state(True)
-                    self._wake.set()  # anything sent while we were not listening
-                    async for _ in conn.notifies():
-                        self._wake.set()
+                async for _ in conn.notifies():
+                    self._wake.set()
             except (psycopg.Error, OSError) as exc:
-                failures += 1
                 self._set_state(False)
-                delay = next_delay(failures, base=0.2, cap=self._max_backoff, rng=self._rng)
                 logger.warning(
-                    "listen connection lost (%s); polling until it is back, retry in %.1fs",
+                    "listen connection lost (%s); polling until it is back, reconnecting",
                     exc,
-                    delay,
                     extra={"action": "listen_down"},
                 )
-                await asyncio.sleep(delay)
+                return True
+            return False  # the server ended the stream without an error: connect again
+        finally:
+            await conn.close()
+
+    def _connect_failed(self, state: RetryCallState) -> None:
+        """One line per failed connect, with the wait before the next."""
+        self._set_state(False)
+        exc = state.outcome.exception() if state.outcome is not None else None
+        logger.warning(
+            "listen connection lost (%s); polling until it is back, retry in %.1fs",
+            exc,
+            state.upcoming_sleep,
+            extra={"action": "listen_down"},
+        )
+
+
+def _listen_wait(cap: float) -> wait_base:
+    """The wait between failed connects: the relay's database wait (``outbox.reconnect``) with a
+    longer cap, since polling covers the gap and nothing waits on this connection."""
+    half = DATABASE_BASE_S / 2
+    return wait_exponential(multiplier=half, max=cap / 2) + wait_random_exponential(
+        multiplier=half, max=cap / 2
+    )

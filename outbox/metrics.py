@@ -58,6 +58,12 @@ class RelayMetrics:
             "How long the oldest due message has been waiting (0 when none).",
             registry=r,
         )
+        self.slow_sends = Gauge(
+            "outbox_slow_sends",
+            "Sends running longer than --slow-after now (they no longer count against "
+            "--concurrency, up to --max-slow of them).",
+            registry=r,
+        )
         self.dead = Gauge("outbox_dead_messages", "Messages in the dead state.", registry=r)
         self.listen_connected = Gauge(
             "outbox_listen_connected", "1 while the LISTEN connection is up.", registry=r

@@ -19,9 +19,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from outbox import queries
-from outbox.listener import KEEPALIVE_ARGS
+from outbox.listener import connection_defaults
 
 
 def lock_key(owner: uuid.UUID) -> int:
@@ -39,7 +40,10 @@ class OwnerSession:
     @classmethod
     async def open(cls, dsn: str, *, application_name: str = "outbox-relay-lock") -> OwnerSession:
         conn = await psycopg.AsyncConnection.connect(
-            dsn, autocommit=True, application_name=application_name, **KEEPALIVE_ARGS
+            dsn,
+            autocommit=True,
+            application_name=application_name,
+            **connection_defaults(conninfo_to_dict(dsn)),
         )
         try:
             owner = uuid.uuid4()

@@ -684,23 +684,51 @@ async def abandoned_due(
     return bool((await conn.execute(ABANDONED_DUE, params)).scalar_one())
 
 
+# --- The four states ----------------------------------------------------------------------
+# Derived from the row, never stored (``outbox.schema``), by one rule that COUNT_BY_STATUS,
+# COUNT_BY_TOPIC, the dashboard's lists (``outbox.dashboard.queries``) and
+# ``outbox.admin.message_state`` all spell the same way:
+#   sent      sent_at IS NOT NULL
+#   dead      dead_at IS NOT NULL
+#   retrying  neither, and last_error IS NOT NULL: it failed at least once and will be tried again
+#   pending   neither, and last_error IS NULL: never failed (due, scheduled, or on its first try)
+# ``attempts`` cannot tell: the attempt is counted when the claim starts it, so a message on its
+# first try has attempts = 1 and has failed nothing yet. last_error is what every failure writes
+# (MARK_RETRY_MANY; RESCUE_ABANDONED: RELAY_DIED or LEASE_EXPIRED), and nothing else does: a
+# release on stop (RELEASE_MANY) gives the attempt back and leaves last_error as it was, so a
+# first try handed back is pending again. A message whose relay died mid-try stays as it was
+# (pending on a first try) until a live relay rescues it, about a second later; from then on it
+# is retrying with "relay died while handling it". ``outbox retry`` keeps the dead message's
+# last_error, so a requeued message is retrying (it failed, and will be tried again) with a fresh
+# attempt budget.
+
 # --- COUNT_BY_STATUS --------------------------------------------------------------------------
-# For `outbox status` and the metrics: one pass over the table. oldest_pending_age_s is how long
-# the oldest due, unsent message has been waiting since it became due (0 when none is due), the
-# figure to alert on: it grows when relays are down or cannot keep up.
+# For `outbox status` and the dashboard. Each part reads only its own rows: pending, retrying and
+# the oldest due time walk ix_outbox_due (partial on "unsent and not dead", so sent rows cost
+# nothing; last_error is read from those rows), the dead count ix_outbox_dead_at, the sent count
+# ix_outbox_sent_at (an index-only scan once VACUUM has set the visibility map; the planner may
+# scan a table of small rows instead). Measured (1,000,000 sent rows of ~450-byte mails, 2,000
+# dead, 1,000 unsent, vacuumed; medians of 15 interleaved runs on 2 busy cores): 302 ms as one
+# pass over the table, 83 ms this way; at 100,000 rows 31 ms and 6.8 ms. The unsent part takes
+# under a millisecond; what remains is the sent count, which still reads every sent entry.
+# oldest_pending_age_s is how long the oldest due, unsent message has been waiting since it became
+# due (0 when none is due), the figure to alert on: it grows when relays are down or cannot keep
+# up. A row in flight is not due (its available_at is its lease).
 COUNT_BY_STATUS = text(
     """
-    WITH clock AS (SELECT coalesce(CAST(:now AS timestamptz), statement_timestamp()) AS now)
-    SELECT
-        count(*) FILTER (WHERE sent_at IS NULL AND dead_at IS NULL AND attempts = 0) AS pending,
-        count(*) FILTER (WHERE sent_at IS NULL AND dead_at IS NULL AND attempts > 0) AS retrying,
-        count(*) FILTER (WHERE dead_at IS NOT NULL) AS dead,
-        count(*) FILTER (WHERE sent_at IS NOT NULL) AS sent,
-        coalesce(extract(epoch FROM (SELECT now FROM clock) - min(available_at) FILTER (
-            WHERE sent_at IS NULL AND dead_at IS NULL
-              AND available_at <= (SELECT now FROM clock))), 0)
-            AS oldest_pending_age_s
-    FROM outbox
+    WITH clock AS (SELECT coalesce(CAST(:now AS timestamptz), statement_timestamp()) AS now),
+    unsent AS (
+        SELECT count(*) FILTER (WHERE last_error IS NULL) AS pending,
+               count(*) FILTER (WHERE last_error IS NOT NULL) AS retrying,
+               min(available_at) FILTER (WHERE available_at <= (SELECT now FROM clock)) AS oldest
+        FROM outbox WHERE sent_at IS NULL AND dead_at IS NULL
+    )
+    SELECT unsent.pending, unsent.retrying,
+           (SELECT count(*) FROM outbox WHERE dead_at IS NOT NULL) AS dead,
+           (SELECT count(*) FROM outbox WHERE sent_at IS NOT NULL) AS sent,
+           coalesce(extract(epoch FROM (SELECT now FROM clock) - unsent.oldest), 0)
+               AS oldest_pending_age_s
+    FROM unsent
     """
 )
 
@@ -833,14 +861,14 @@ async def missing_tables(conn: AsyncConnection, names: Sequence[str]) -> list[st
 
 
 # --- COUNT_BY_TOPIC ---------------------------------------------------------------------------
-# Per topic: pending and retrying (from ix_outbox_due), dead (ix_outbox_dead_at) and sent in the
-# last hour (a range of ix_outbox_sent_at). All-time sent counts per topic are left out on
-# purpose: they would read every sent row the table keeps.
+# Per topic: pending and retrying (from ix_outbox_due, by the rule above), dead
+# (ix_outbox_dead_at) and sent in the last hour (a range of ix_outbox_sent_at). All-time sent
+# counts per topic are left out on purpose: they would read every sent row the table keeps.
 COUNT_BY_TOPIC = text(
     """
     WITH counts AS (
-        SELECT topic, count(*) FILTER (WHERE attempts = 0) AS pending,
-               count(*) FILTER (WHERE attempts > 0) AS retrying,
+        SELECT topic, count(*) FILTER (WHERE last_error IS NULL) AS pending,
+               count(*) FILTER (WHERE last_error IS NOT NULL) AS retrying,
                0 AS dead, 0 AS sent_last_hour
         FROM outbox WHERE sent_at IS NULL AND dead_at IS NULL GROUP BY topic
         UNION ALL

@@ -5,7 +5,12 @@ Three parts share one process, River-style:
 - the **producer** claims ``min(batch_size, free slots)`` rows in one statement that commits on
   its own (``CLAIM_DUE``: attempt counted, owner and lease stamped) as soon as workers free up,
   so one hung send occupies one slot, never the relay;
-- the **executor** is ``concurrency`` workers; a send is cut off at ``send_timeout``;
+- the **executor** is ``concurrency`` workers; a send is cut off at ``send_timeout``. A send
+  still running after ``slow_after`` seconds stops counting against ``concurrency``: its worker
+  is *parked* (it keeps the send until the send ends or is cut off, then exits) and a new worker
+  takes its place, so hung sends cost the relay ``slow_after`` each, not ``send_timeout``. At most
+  ``max_slow`` workers are parked at once (``concurrency`` by default), so at most
+  ``concurrency + max_slow`` sends run at once; past that a slow send keeps its worker;
 - the **completer** settles outcomes in batches (when ``concurrency`` outcomes wait, or a few
   milliseconds after the first), each row fenced by owner and attempt: a relay whose rows were
   taken over records nothing for them. A settle that fails is retried on its own; nothing is
@@ -39,6 +44,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from tenacity import RetryCallState
 
 from outbox import queries
 from outbox.backoff import database_delay
@@ -51,6 +57,7 @@ from outbox.metrics import RelayMetrics
 from outbox.outcome import Dead, Outcome, Retry, Sent, classify, describe, stored_result
 from outbox.ownership import LeaseOnlyOwner, OwnerSession
 from outbox.queries import Claimed, ClaimOwner
+from outbox.reconnect import retry_database
 from outbox.registry import HandlerRegistry
 from outbox.settlelog import LoggingSettleLog, SettledLine, SettleLog
 from outbox.watchdog import SendWatchdog
@@ -70,6 +77,8 @@ DEFAULT_BACKOFF_CAP = 3600.0
 DEFAULT_STOP_GRACE = 5.0
 DEFAULT_LEASE = 30.0
 DEFAULT_MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
+# A send is slow after this share of send_timeout (``RelayConfig.slow_after`` unset): see there.
+SLOW_AFTER_SHARE = 1 / 8
 
 # How often a relay looks for the rows of dead relays: the crash take-over bound is about this.
 RESCUE_EVERY_S = 1.0
@@ -93,6 +102,12 @@ class RelayConfig:
     # Payload bytes (stored size) claimed and not yet through a handler; a claim may pass it by
     # one message. Memory then follows bytes in flight, not rows.
     max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT
+    # Seconds after which a running send stops counting against ``concurrency`` (its worker is
+    # parked and replaced); ``None``: ``send_timeout * SLOW_AFTER_SHARE``. See ``slow_threshold``.
+    slow_after: float | None = None
+    # Parked (slow) sends at once beyond ``concurrency``; ``None``: as many as ``concurrency``;
+    # 0: a slow send keeps its worker until it ends (a hard cap of ``concurrency`` sends).
+    max_slow: int | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -109,6 +124,11 @@ class RelayConfig:
             (self.stop_grace >= 0, "stop_grace (--stop-grace) must not be negative"),
             (self.lease >= 3, "lease (--lease) must be at least 3 seconds"),
             (self.max_bytes_in_flight >= 1, "max_bytes_in_flight must be positive"),
+            (
+                self.slow_after is None or self.slow_after > 0,
+                "slow_after (--slow-after) must be positive",
+            ),
+            (self.max_slow is None or self.max_slow >= 0, "max_slow (--max-slow) must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -120,6 +140,30 @@ class RelayConfig:
         only the sends already running (each bounded by ``send_timeout``) finish; ``stop_grace``
         covers settling them and releasing the claims that never started."""
         return self.send_timeout + self.stop_grace
+
+    @property
+    def slow_threshold(self) -> float:
+        """Seconds after which a send is slow and no longer holds a worker slot.
+
+        Each hung send costs the relay this many worker-seconds instead of ``send_timeout``.
+        Measured with bench/stall.py (2,000 x 5 ms handlers, batch 100, concurrency 16, send
+        timeout 2 s, one send in 100 hung, so 20 hung; medians of 3, interleaved in one run on 2
+        shared cores): no hang 0.90 s; hard cap of 16 sends (``max_slow=0``, as before) 4.6 s;
+        slow after 1 s: 3.7 s, 0.5 s: 3.3 s, 0.25 s (an eighth): 3.2 s, 0.1 s: 2.9 s. The floor
+        is about 2.8 s: the last hung send starts near the end and runs its 2 s. The target
+        (1.5 x no hang + one send timeout, 3.35 s) is met from about a quarter of the timeout
+        down; an eighth keeps a margin without taking ordinary slow mail servers (a second or
+        two, against the default 30 s timeout's 3.75 s) for hung ones.
+        """
+        if self.slow_after is not None:
+            return self.slow_after
+        return self.send_timeout * SLOW_AFTER_SHARE
+
+    @property
+    def slow_cap(self) -> int:
+        """Slow sends that may run beyond ``concurrency``: a relay runs at most
+        ``concurrency + slow_cap`` sends (and keeps as many SMTP connections) at once."""
+        return self.concurrency if self.max_slow is None else self.max_slow
 
     @property
     def heartbeat_every(self) -> float:
@@ -237,7 +281,11 @@ class Relay:
         self._owner: uuid.UUID | None = None
         self._owner_ready = asyncio.Event()
         self._held: dict[int, _Job] = {}  # claimed and not yet settled, by row id
-        self._active = 0  # claimed and not yet through a worker
+        self._active = 0  # claimed and not yet through a worker (parked sends included)
+        self._workers: set[asyncio.Task[Any]] = set()
+        self._parked: set[asyncio.Task[Any]] = set()  # slow: no longer counted as running
+        self._slow_waiting: dict[asyncio.Task[Any], None] = {}  # slow, not parked (cap), in order
+        self._cap_logged_at = -3600.0
         self._bytes = 0  # payload bytes of those
         self._slot_freed = asyncio.Event()
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
@@ -335,25 +383,34 @@ class Relay:
         self._done.clear()
         self._settled.set()
         self._abandoned_due = False
-        self._watchdog = SendWatchdog(self.config.send_timeout)
+        self._parked.clear()
+        self._slow_waiting.clear()
+        self._watchdog = watchdog = SendWatchdog(
+            self.config.send_timeout,
+            slow_after=self.config.slow_threshold if self.config.slow_cap else None,
+            on_slow=self._on_slow,
+        )
         background = self._background = [
             asyncio.create_task(self._keep_owner(), name="outbox-owner"),
             asyncio.create_task(self._complete(), name="outbox-completer"),
             asyncio.create_task(self._heartbeat(), name="outbox-heartbeat"),
         ]
-        workers = [
-            asyncio.create_task(self._work(), name=f"outbox-worker-{n}")
-            for n in range(self.config.concurrency)
-        ]
+        for _ in range(self.config.concurrency):
+            self._add_worker()
         try:
             yield
         finally:
-            for task in workers + background:
+            watchdog.close()  # no more parking, so no worker starts from here on
+            tasks = [*self._workers, *background]
+            for task in tasks:
                 task.cancel()
-            for task in workers + background:
+            for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            self._watchdog.close()
+            watchdog.close()
+            self._parked.clear()
+            self._slow_waiting.clear()
+            self._metrics_slow()
             self._owner_ready.clear()
             await self._close_connections()
 
@@ -380,11 +437,13 @@ class Relay:
         messages: 2.6-5.1k/s with ``concurrency`` waiting, 9-12k/s with ``batch_size``; with none
         waiting, 2,000 5 ms handlers took 3.0 s instead of 0.8 s). A claim waits until a quarter
         of that capacity is free (or all of it), so a busy relay claims in groups rather than
-        one row per transaction. A hung send holds one worker; the waiting rows go to the
+        one row per transaction. A hung send holds one worker, and only for ``slow_threshold``
+        seconds while parking places are free (see the executor); the waiting rows go to the
         others.
         """
         capacity = self.config.concurrency + self.config.batch_size
         threshold = max(1, min(self.config.batch_size, capacity) // 4)
+        # Parked (slow) sends do not count: their workers were replaced (``_on_slow``).
         while not self._stopping.is_set():
             self._check_background()
             if mode == "drain" and due_before is None and self._owner_ready.is_set():
@@ -402,10 +461,11 @@ class Relay:
             if self._abandoned_due and mode != "once":
                 await self._run_abandoned()
                 continue
-            free = capacity - self._active
+            counted = self._active - len(self._parked)
+            free = capacity - counted
             if mode == "once":
                 free = self.config.batch_size
-            elif free <= 0 or (self._active and free < threshold):
+            elif free <= 0 or (counted and free < threshold):
                 await self._slot_wait()
                 continue
             elif self._active and self._bytes >= self.config.max_bytes_in_flight:
@@ -528,20 +588,71 @@ class Relay:
 
     # --- executor ----------------------------------------------------------------------------
 
+    def _add_worker(self) -> None:
+        task = asyncio.create_task(self._work(), name="outbox-worker")
+        self._workers.add(task)
+
     async def _work(self) -> None:
+        """Run jobs until the relay ends, or, once parked, until the slow send is over."""
         task = asyncio.current_task()
         assert task is not None
-        while True:
-            job = await self._queue.get()
-            try:
-                if self._stopping.is_set():
-                    self._finish(_Done(job, None))  # never started: release the claim
-                else:
-                    self._finish(await self._attempt(job, task))
-            finally:
-                self._active -= 1
-                self._bytes -= job.claimed.size
-                self._slot_freed.set()
+        try:
+            while task not in self._parked:
+                job = await self._queue.get()
+                try:
+                    if self._stopping.is_set():
+                        self._finish(_Done(job, None))  # never started: release the claim
+                    else:
+                        self._finish(await self._attempt(job, task))
+                finally:
+                    self._active -= 1
+                    self._bytes -= job.claimed.size
+                    self._slow_waiting.pop(task, None)
+                    self._slot_freed.set()
+        finally:
+            self._workers.discard(task)
+        # Parked: a replacement took this worker's place; the parking place frees up.
+        self._parked.discard(task)
+        self._park_waiting()
+        self._metrics_slow()
+
+    def _on_slow(self, task: asyncio.Task[Any]) -> None:
+        """The watchdog saw ``task``'s send pass ``slow_threshold``: park it if there is room,
+        else it keeps its worker slot and waits (oldest first) for a parking place."""
+        if task not in self._workers or task in self._parked:
+            return
+        if len(self._parked) < self.config.slow_cap:
+            self._park(task)
+            return
+        self._slow_waiting[task] = None
+        now = time.monotonic()
+        if now - self._cap_logged_at >= 60:
+            self._cap_logged_at = now
+            logger.warning(
+                "%d slow sends (over %gs) already run beside --concurrency %d "
+                "(--max-slow); further slow sends keep their worker",
+                len(self._parked),
+                self.config.slow_threshold,
+                self.config.concurrency,
+                extra={"action": "slow_cap_reached"},
+            )
+        self._metrics_slow()
+
+    def _park(self, task: asyncio.Task[Any]) -> None:
+        self._parked.add(task)
+        self._add_worker()
+        self._slot_freed.set()  # the producer may claim for the new worker
+        self._metrics_slow()
+
+    def _park_waiting(self) -> None:
+        """Park the oldest slow sends that were waiting, while there is room."""
+        while self._slow_waiting and len(self._parked) < self.config.slow_cap:
+            task = next(iter(self._slow_waiting))
+            del self._slow_waiting[task]
+            self._park(task)
+
+    def _metrics_slow(self) -> None:
+        self.metrics.slow_sends.set(len(self._parked) + len(self._slow_waiting))
 
     async def _attempt(self, job: _Job, task: asyncio.Task[Any]) -> _Done:
         """Run one handler and turn whatever happens into exactly one outcome.
@@ -692,6 +803,7 @@ class Relay:
 
     async def _heartbeat(self) -> None:
         """Extend the lease of every row this relay holds, every ``lease / 3`` seconds."""
+        failures = 0  # in a row, for the log line's "try N"
         while True:
             await asyncio.sleep(self.config.heartbeat_every)
             jobs = list(self._held.values())
@@ -707,11 +819,13 @@ class Relay:
                         lease=self.config.lease,
                         now=self._now(),
                     )
+                failures = 0
             except Exception as exc:
                 if not is_infrastructure_error(exc):
                     logger.error("renewing leases failed: %s", describe(exc), exc_info=exc)
                     continue
-                self._log_database("renew leases", exc, 1, self.config.heartbeat_every)
+                failures += 1
+                self._log_database("renew leases", exc, failures, self.config.heartbeat_every)
 
     async def _keep_owner(self) -> None:
         """Hold an owner lock (a new owner id per session), and rescue once a second."""
@@ -855,30 +969,32 @@ class Relay:
         default: Any = None,
     ) -> Any:
         """Run ``func`` until it succeeds, waiting out infrastructure errors (``outbox.dberrors``)
-        with backoff; other errors propagate. With ``give_up_on_stop`` (claims: nothing is lost
-        by not claiming) it returns ``default`` once the relay stops; settles never give up."""
+        with tenacity (``outbox.reconnect``); other errors propagate. With ``give_up_on_stop``
+        (claims: nothing is lost by not claiming) it returns ``default`` once the relay stops;
+        settles never give up."""
         failures = 0
-        while True:
-            try:
-                result = await func()
-            except Exception as exc:
-                if not is_infrastructure_error(exc):
-                    raise
-                if give_up_on_stop and self._stopping.is_set():
-                    return default
-                failures += 1
-                delay = database_delay(failures, self._rng)
-                self._log_database(what, exc, failures, delay)
-                await asyncio.sleep(delay)
-                continue
-            if failures:
-                logger.info(
-                    "database available again (%s) after %d tries",
-                    what,
-                    failures,
-                    extra={"action": "database_back"},
-                )
-            return result
+
+        def before_sleep(state: RetryCallState) -> None:
+            nonlocal failures
+            failures = state.attempt_number
+            error = state.outcome.exception() if state.outcome is not None else None
+            assert error is not None  # tenacity sleeps only after a failed try
+            self._log_database(what, error, failures, state.upcoming_sleep)
+
+        result: Any = await retry_database(
+            func,
+            before_sleep=before_sleep,
+            give_up=self._stopping.is_set if give_up_on_stop else None,
+            default=default,
+        )
+        if failures:
+            logger.info(
+                "database available again (%s) after %d tries",
+                what,
+                failures,
+                extra={"action": "database_back"},
+            )
+        return result
 
     def _log_database(self, what: str, exc: BaseException, failures: int, delay: float) -> None:
         """One line per try while the database is unavailable."""

@@ -59,7 +59,7 @@ async def open_relay(
             smtp,
             mail_from=settings.mail_from,
             send_timeout=config.send_timeout,
-            pool_size=config.concurrency,
+            pool_size=config.concurrency + config.slow_cap,  # every send that may run at once
         )
         builtin.register(EMAIL_TOPIC, sender)
     handlers = builtin.merged(default_registry).merged(registry or HandlerRegistry())
@@ -197,10 +197,12 @@ async def serve_relay(
                 background.append(asyncio.create_task(_purge_forever(relay, retention)))
             topics = relay.registry.topics
             logger.info(
-                "relay running (batch %d, concurrency %d, topics: %s); stops within %.0fs of "
-                "SIGTERM",
+                "relay running (batch %d, concurrency %d plus %d sends slower than %gs; "
+                "topics: %s); stops within %.0fs of SIGTERM",
                 config.batch_size,
                 config.concurrency,
+                config.slow_cap,
+                config.slow_threshold,
                 ", ".join(topics) or "none",
                 config.stop_bound,
                 extra={"action": "start_relay", "topics": topics},

@@ -1,8 +1,9 @@
 """The declared schema of the outbox table, for SQLAlchemy (``outbox.migrate`` is its history).
 
 Status is derived, not stored: a row is *sent* when ``sent_at`` is set, *dead* when ``dead_at``
-is set, otherwise *pending* (no attempt yet) or *retrying*. Two nullable timestamps cost nothing
-to keep right, and the partial index below only ever holds rows that are neither.
+is set, otherwise *retrying* when it has failed before (``last_error`` set) and *pending* when it
+has not (see "The four states" in ``outbox.queries``). Two nullable timestamps cost nothing to
+keep right, and the partial index below only ever holds rows that are neither.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from outbox.mail import EMAIL_TOPIC, SmtpSender, render_email
 from outbox.message import EmailPayload
-from outbox.relay import DEFAULT_SEND_TIMEOUT  # a relay passes its own send_timeout
+from outbox.relay import DEFAULT_CONCURRENCY, DEFAULT_SEND_TIMEOUT  # a relay passes its own
 from outbox.settings import SmtpConfig
 
 
@@ -24,10 +24,15 @@ def email_handler(
     *,
     mail_from: str,
     send_timeout: float = DEFAULT_SEND_TIMEOUT,
-    pool_size: int = 16,
+    pool_size: int = 2 * DEFAULT_CONCURRENCY,
 ) -> SmtpSender:
     """A handler for ``email`` messages that sends them through ``smtp`` (an ``SMTP_URL`` or a
     parsed ``SmtpConfig``), keeping up to ``pool_size`` connections open.
+
+    ``pool_size`` should be the most sends the relay runs at once,
+    ``config.concurrency + config.slow_cap`` (a relay's own workers plus its parked slow sends;
+    the default is that for the default config): with fewer, a send that starts beside hung ones
+    waits for a connection, and is timed while it waits. Connections open only when needed.
 
     ``send_timeout`` should be the relay's: the sender gives up at 90 % of it, so a slow server
     is reported by the sender (which knows whether the body went out) rather than cut off blind

@@ -5,7 +5,9 @@ it as the real SMTP server on 127.0.0.1. ``reply`` makes it answer DATA with a c
 550, ...) to exercise the retry and dead paths; ``delay`` makes it slow, and
 ``stall`` makes it hang forever on mail to chosen recipients. ``refuse`` answers RCPT for chosen
 recipients with a chosen reply, and ``max_recipients`` answers ``452 4.5.3`` to the RCPTs of a
-transaction past that number, as servers with a recipient limit do.
+transaction past that number, as servers with a recipient limit do. ``in_data`` counts the
+DATA commands being answered right now (stalled ones included) and ``most_in_data`` the most at
+once: how tests see how many sends a relay runs at the same time.
 """
 
 from __future__ import annotations
@@ -64,11 +66,17 @@ class _Handler:
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        if self._server.stall and self._server.stall & set(envelope.rcpt_tos):
-            await asyncio.Event().wait()  # swallow the body and never answer
-        if self._server.delay:
-            await asyncio.sleep(self._server.delay)
-        return self._server._accept(envelope)
+        capture = self._server
+        capture.in_data += 1  # only this server's own event loop thread writes these
+        capture.most_in_data = max(capture.most_in_data, capture.in_data)
+        try:
+            if capture.stall and capture.stall & set(envelope.rcpt_tos):
+                await asyncio.Event().wait()  # swallow the body and never answer
+            if capture.delay:
+                await asyncio.sleep(capture.delay)
+            return capture._accept(envelope)
+        finally:
+            capture.in_data -= 1
 
 
 class CaptureServer:
@@ -84,6 +92,8 @@ class CaptureServer:
         self.refuse: dict[str, str] = {}  # recipient -> its RCPT reply ("550 5.1.1 No such user")
         self.max_recipients = 0  # RCPTs accepted per transaction (0: no limit)
         self.data_attempts = 0
+        self.in_data = 0  # DATA commands being answered now
+        self.most_in_data = 0  # the most at once
         self._mails: list[CapturedMail] = []
         self._lock = threading.Lock()
         self._controller: Controller | None = None

@@ -55,16 +55,17 @@ class State(StrEnum):
 # statement is spelt out whole, never assembled from pieces (tests/integration/test_security.py).
 
 # --- LIST_UNSENT ------------------------------------------------------------------------------
-# Pending (attempts = 0) or retrying (attempts > 0) messages in the order the relay claims them,
-# oldest due first: a range scan of ix_outbox_due from the cursor, stopped by LIMIT. The attempts
-# bounds are a filter on the index's rows, not a second index.
+# Pending (never failed: last_error IS NULL) or retrying (failed at least once) messages, by the
+# rule of ``outbox.queries`` ("The four states"), in the order the relay claims them, oldest due
+# first: a range scan of ix_outbox_due from the cursor, stopped by LIMIT. ``:failed`` is a filter
+# on the index's rows, not a second index.
 LIST_UNSENT = text(
     """
     SELECT id, message_id, topic, attempts, created_at, available_at, sent_at, dead_at,
            left(last_error, 200) AS last_error, payload -> 'to' AS recipient
     FROM outbox
     WHERE sent_at IS NULL AND dead_at IS NULL
-      AND attempts BETWEEN :min_attempts AND :max_attempts
+      AND (last_error IS NOT NULL) = CAST(:failed AS boolean)
       AND (available_at, id) > (CAST(:after_at AS timestamptz), CAST(:after_id AS bigint))
       AND (CAST(:topic AS text) IS NULL OR topic = CAST(:topic AS text))
       AND (CAST(:pattern AS text) IS NULL
@@ -141,11 +142,12 @@ FIND_BY_KEY = text(
 )
 
 # --- GET_MESSAGE ------------------------------------------------------------------------------
-# One message's page: everything, by primary key.
+# One message's page: everything, by primary key. ``in_flight``: a relay holds it now (its
+# available_at is then the claim's lease, not when it is due).
 GET_MESSAGE = text(
     """
     SELECT id, message_id, topic, payload, attempts, last_error, result,
-           created_at, available_at, sent_at, dead_at,
+           created_at, available_at, sent_at, dead_at, claimed_by IS NOT NULL AS in_flight,
            coalesce(CAST(:now AS timestamptz), statement_timestamp()) AS now
     FROM outbox WHERE id = :id
     """
@@ -262,9 +264,7 @@ async def list_messages(
     match state:
         case State.PENDING | State.RETRYING:
             statement = LIST_UNSENT
-            params["min_attempts"], params["max_attempts"] = (
-                (0, 0) if state is State.PENDING else (1, 2**31 - 1)
-            )
+            params["failed"] = state is State.RETRYING
             params["after_at"] = after.at if after and after.at else _MIN_TIME
             params["after_id"] = after.id if after else 0
         case State.DEAD | State.SENT:

@@ -56,7 +56,8 @@ def test_cli_status_counts_each_state(db_url: str) -> None:
             "UPDATE outbox SET dead_at = now(), attempts = 1, last_error = 'x' WHERE id = 2"
         )
         conn.execute(
-            "UPDATE outbox SET attempts = 2, available_at = now() + interval '1 h' WHERE id = 3"
+            "UPDATE outbox SET attempts = 2, last_error = 'SMTP 451',"
+            " available_at = now() + interval '1 h' WHERE id = 3"
         )
         conn.execute("UPDATE outbox SET available_at = now() - interval '100 s' WHERE id = 4")
 
@@ -88,7 +89,8 @@ def test_cli_dead_retry_and_purge(db_url: str) -> None:
     assert run_cli("retry", "3", env=env).returncode == 1  # not dead: said, not silently ignored
     assert "requeued 1" in run_cli("retry", "--all-dead", env=env).stdout
     counts = json.loads(run_cli("status", "--json", env=env).stdout)
-    assert counts["dead"] == 0 and counts["pending"] == 2
+    # Requeued, they failed and will be tried again: retrying (with fresh attempts), not pending.
+    assert counts["dead"] == 0 and counts["retrying"] == 2 and counts["pending"] == 0
 
     purged = run_cli("purge", "--older-than", "7d", env=env)
     assert purged.returncode == 0 and "deleted 1" in purged.stdout

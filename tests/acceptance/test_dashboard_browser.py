@@ -89,7 +89,7 @@ def test_dashboard_browser_login_retry_until_sent_and_discard(
             expect(page.get_by_text("SMTP 550 try later")).to_be_visible()
             page.get_by_role("button", name="Retry").click()
             expect(page.get_by_role("status")).to_contain_text("Retried")
-            expect(page.locator("h1 .state")).to_have_text("pending")
+            expect(page.locator("h1 .state")).to_have_text("retrying")
 
             relay = run_cli(
                 "relay", "--once", env=cli_env(DATABASE_URL=db_url, SMTP_URL=smtp_server.url)

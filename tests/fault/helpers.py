@@ -75,13 +75,22 @@ class RelayProcess:
     """One ``outbox relay`` process; its output goes to a file (a full pipe would block it)."""
 
     def __init__(
-        self, args: Sequence[str], *, db_url: str, smtp_url: str, log_path: Path, **env: str
+        self,
+        args: Sequence[str],
+        *,
+        db_url: str,
+        smtp_url: str,
+        log_path: Path,
+        prefix: Sequence[str] = (),
+        **env: str,
     ) -> None:
+        """``prefix``: a command that runs the relay (``ip netns exec NAME``); it must exec it,
+        so that the process's pid is the relay's."""
         self.args = list(args)
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(
-            [OUTBOX, "relay", *self.args],
+            [*prefix, OUTBOX, "relay", *self.args],
             env=cli_env(DATABASE_URL=db_url, SMTP_URL=smtp_url, **env),
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -151,9 +160,13 @@ class RelayFactory:
         self.tmp_path = tmp_path
         self.started: list[RelayProcess] = []
 
-    def start(self, db_url: str, smtp_url: str, *args: str, **env: str) -> RelayProcess:
+    def start(
+        self, db_url: str, smtp_url: str, *args: str, prefix: Sequence[str] = (), **env: str
+    ) -> RelayProcess:
         log = self.tmp_path / f"relay-{len(self.started)}.log"
-        relay = RelayProcess(args, db_url=db_url, smtp_url=smtp_url, log_path=log, **env)
+        relay = RelayProcess(
+            args, db_url=db_url, smtp_url=smtp_url, log_path=log, prefix=prefix, **env
+        )
         self.started.append(relay)
         return relay
 

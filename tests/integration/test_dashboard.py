@@ -216,7 +216,8 @@ async def test_dashboard_message_page_shows_everything_and_retry_makes_it_due(
     assert retried.headers["location"] == f"/admin/messages/{row_id}?notice=retried"
     assert await _state(engine, row_id) == {"attempts": 0, "dead_at": None, "sent_at": None}
     after = await client.get(retried.headers["location"])
-    assert "Retried" in after.text and "pending" in after.text
+    # Requeued with its last error kept: it failed and will be tried again, so it is retrying.
+    assert "Retried" in after.text and 'class="state retrying"' in after.text
     assert "/discard" not in after.text  # only a dead message has the buttons
 
 
@@ -421,3 +422,29 @@ async def test_dashboard_says_when_the_database_is_down_or_not_migrated(
     finally:
         await down.dispose()
         await bare.dispose()
+
+
+async def test_dashboard_message_on_its_first_try_is_pending_and_said_to_be_in_flight(
+    engine: AsyncEngine, client: httpx.AsyncClient
+) -> None:
+    """The attempt is counted at claim: a first try in flight has attempts = 1 and no error.
+    It is pending (nothing failed), and its page says a relay is on it rather than "due in
+    30 s" (its available_at is the claim's lease)."""
+    [row_id] = await _insert(engine, state="pending")
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "UPDATE outbox SET attempts = 1, claimed_by = gen_random_uuid(),"
+                " available_at = now() + interval '30 s' WHERE id = :id"
+            ),
+            {"id": row_id},
+        )
+
+    page = await client.get(f"/admin/messages/{row_id}")
+
+    assert 'class="state pending"' in page.text
+    assert "A relay is trying it now (attempt 1)." in page.text
+    assert "Not tried yet" not in page.text
+    listed = await client.get("/admin/messages", params={"state": "pending"})
+    assert _ids(listed.text) == [row_id]
+    assert _ids((await client.get("/admin/messages?state=retrying")).text) == []

@@ -108,3 +108,66 @@ async def test_a_shutdown_cancel_before_the_deadline_is_not_taken_for_a_timeout(
     with pytest.raises(asyncio.CancelledError):
         await task
     watchdog.close()
+
+
+async def test_a_send_past_slow_after_is_reported_once_and_still_cut_off_at_its_timeout() -> None:
+    slow: list[asyncio.Task[object]] = []
+    watchdog = SendWatchdog(0.3, slow_after=0.05, on_slow=slow.append)
+    began = time.monotonic()
+
+    task = asyncio.create_task(guarded_send(watchdog, 30))
+    assert await task == "timed out"
+    assert slow == [task]  # reported once, though the timer fired again for the timeout
+    assert 0.29 <= time.monotonic() - began < 5.0
+    watchdog.close()
+
+
+async def test_quick_sends_are_never_reported_slow() -> None:
+    slow: list[asyncio.Task[object]] = []
+    watchdog = SendWatchdog(1.0, slow_after=0.05, on_slow=slow.append)
+
+    async def worker() -> set[str]:
+        return {await guarded_send(watchdog, 0.001) for _ in range(200)}
+
+    assert await asyncio.create_task(worker()) == {"done"}
+    assert slow == []
+    watchdog.close()
+
+
+async def test_a_send_started_while_the_timer_waits_for_a_timeout_is_reported_at_its_own_time() -> (
+    None
+):
+    """The timer re-arms for the earlier event: after the first send was reported slow, the
+    timer waits for that send's timeout (10 s away); the second send's slow point comes first."""
+    slow: list[asyncio.Task[object]] = []
+    reported = asyncio.Event()
+
+    def on_slow(task: asyncio.Task[object]) -> None:
+        slow.append(task)
+        if len(slow) == 2:
+            reported.set()
+
+    watchdog = SendWatchdog(10, slow_after=0.05, on_slow=on_slow)
+    first = asyncio.create_task(guarded_send(watchdog, 30))
+    await asyncio.sleep(0.1)  # first is slow now; the timer waits for its timeout
+    assert slow == [first]
+    second = asyncio.create_task(guarded_send(watchdog, 30))
+    began = time.monotonic()
+    async with asyncio.timeout(5):
+        await reported.wait()
+    assert slow == [first, second]
+    assert time.monotonic() - began < 5.0  # its own 0.05 s, not the first send's 10 s timeout
+    for task in (first, second):
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    watchdog.close()
+
+
+async def test_slow_after_at_or_past_the_timeout_reports_nothing() -> None:
+    slow: list[asyncio.Task[object]] = []
+    watchdog = SendWatchdog(0.05, slow_after=0.05, on_slow=slow.append)
+
+    assert await asyncio.create_task(guarded_send(watchdog, 30)) == "timed out"
+    assert slow == []
+    watchdog.close()
