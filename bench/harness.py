@@ -68,7 +68,7 @@ class Sizes:
     stall_rounds: int = 3
     stall_messages: int = 2000
     # Item 9: a drain on a cluster of the bench's own while a snapshot is held open.
-    snapshot_base_s: float = 180.0  # rounds without the snapshot
+    snapshot_base_s: float = 120.0  # rounds without the snapshot (shorter: the time budget)
     snapshot_hold_s: float = 600.0  # rounds while the snapshot is held
     snapshot_fill: int = 10_000  # messages per round
 

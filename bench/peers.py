@@ -387,6 +387,7 @@ def throughput(b: Bench, sink: Sink, *, email: bool) -> dict[str, Any]:
             cls: type[Peer] = cls,
             url: str = url,
             cap: int = cap,
+            seen: list[float] = [],  # noqa: B006 - the rates this peer drained so far
         ) -> list[float]:
             peer = cls(url, sink, setting)
             try:
@@ -395,9 +396,16 @@ def throughput(b: Bench, sink: Sink, *, email: bool) -> dict[str, Any]:
                 # Big batches complete in big steps (pgqueuer logs a batch at once): enough of
                 # them for the 10-90 % window to mean something, as for the relay's batches.
                 floor = min(cap, max(200, 20 * setting.get("batch", 0)))
-                warm = peer.drain(max(s.warm, floor), email)  # warm-up, and how many to time
-                m = s.size_for(warm, cap, floor, target_s=target_s)
-                return [peer.drain(m, email) for _ in range(drains)]
+                if peer.persistent or not seen:
+                    # A warm-up drain: the workers connect and warm up, and its rate sizes the
+                    # timed drains. Celery's workers start afresh for every drain, so after
+                    # its first setting the last rate seen sizes them instead (a warm-up
+                    # would only add a fill and a start-up per setting).
+                    seen.append(peer.drain(max(s.warm, floor), email))
+                m = s.size_for(seen[-1], cap, floor, target_s=target_s)
+                rates = [peer.drain(m, email) for _ in range(drains)]
+                seen.extend(r for r in rates if r == r)
+                return rates
             finally:
                 peer.close()
 

@@ -7,7 +7,8 @@ fills with dead versions that each claim steps over. On a cluster the bench star
 (``bench.cluster``: autovacuum on, defaults), two relays work rounds of "insert N no-op messages
 (one transaction, NOTIFY), wait until all are sent, delete the sent rows (as a purge does)",
 first for a while with nothing else open, then for a longer while with a REPEATABLE READ
-transaction that has read the outbox open in another session the whole time. Each round's rate
+transaction that has read the outbox open in another session the whole time. Each phase starts
+after a VACUUM of the outbox, so both start from a table without dead rows. Each round's rate
 is the 10-90 % window of its ``sent_at`` times.
 """
 
@@ -75,6 +76,12 @@ def _round(url: str, n: int) -> dict[str, float]:
     }
 
 
+def _vacuum(url: str) -> None:
+    """Both phases start from a table with no dead rows, so they differ only in the snapshot."""
+    with connect(url, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE outbox")
+
+
 def _phase(url: str, n: int, seconds: float) -> dict[str, Any]:
     """Rounds for ``seconds``; the first, last and median rates and the dead rows at the end."""
     rounds: list[dict[str, float]] = []
@@ -135,11 +142,13 @@ def item9_snapshot(b: Bench, sink: Sink) -> dict[str, Any]:
         ):
             _phase(url, s.snapshot_fill, 0)  # warm-up: one round
             log(f"item 9: {s.snapshot_base_s:.0f} s of rounds without a held snapshot")
+            _vacuum(url)
             base = _phase(url, s.snapshot_fill, s.snapshot_base_s)
             log(
                 f"item 9: without: {base['median']:,.0f}/s over {len(base['rounds'])} rounds; "
                 f"{s.snapshot_hold_s:.0f} s with a snapshot held"
             )
+            _vacuum(url)
             with held_snapshot(url) as snap:
                 held = _phase(url, s.snapshot_fill, s.snapshot_hold_s)
             log(
