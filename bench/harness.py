@@ -34,7 +34,8 @@ NOTIFY_CHANNEL = "outbox"
 
 @dataclass(frozen=True)
 class Sizes:
-    """How big each scenario is. ``full`` is the published run; ``quick`` fits in 3 minutes;
+    """How big each scenario is. ``full`` is the published run (about 40 minutes); ``quick``
+    runs the same code at small sizes in a few minutes (Celery's throughput left out);
     ``smoke`` only proves the code runs (the test suite)."""
 
     name: str

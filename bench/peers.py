@@ -275,7 +275,8 @@ class PgQueuer(Peer):
 class Celery(Peer):
     name = "celery"
     persistent = False
-    # Celery's defaults: as many children as cores, 4 messages prefetched per child.
+    # One child where no sweep says otherwise (item 5 gives every peer one worker process);
+    # 4 messages prefetched per child is Celery's own default.
     defaults: Setting = {"procs": 1, "prefetch": 4}
 
     @staticmethod
