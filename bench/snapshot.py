@@ -99,6 +99,10 @@ def _phase(url: str, n: int, seconds: float) -> dict[str, Any]:
         "last": rates[-1],
         "median": median(rates),
         "late_median": median(late),  # the last quarter of the rounds
+        # Wall time of a round until all sent: the fill's commit, the drain, and the bench's
+        # own polling for "nothing due" (which also walks the due index, dead entries and all).
+        "round_s_median": median([r["seconds"] for r in rounds]),
+        "round_s_late": median([r["seconds"] for r in rounds[-len(late) :]]),
         "dead_end": rounds[-1]["dead"],
         "dead_max": max(r["dead"] for r in rounds),
         "autovacuums": rounds[-1]["autovacuums"] - rounds[0]["autovacuums"],
