@@ -36,6 +36,9 @@ $(BENCH_STAMP): pyproject.toml web/pyproject.toml bench/requirements.txt
 	$(BENCH_VENV)/bin/pip install --quiet -e . -e ./web -r bench/requirements.txt
 	touch $(BENCH_STAMP)
 
+# --full is the published page: about 40 minutes on 2 cores (the sweeps of items 3-4 start every
+# system's workers once per setting; item 9 holds a snapshot for 10 minutes on a cluster of its
+# own). --quick checks the same code in a few minutes; --only ITEMS runs some items.
 bench: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python -m bench --full
 

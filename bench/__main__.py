@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 import traceback
@@ -17,7 +18,7 @@ from typing import Any
 from bench.harness import DEFAULT_ADMIN_URL, ROOT, SIZES, Bench, Sizes, log
 from bench.sink import Sink
 
-ITEMS = ["web", "smtp", "noop", "email", "latency", "scale", "notify"]
+ITEMS = ["web", "smtp", "noop", "email", "latency", "scale", "notify", "stall", "snapshot"]
 
 
 def run_item(b: Bench, item: str, sink: Sink) -> dict[str, Any]:
@@ -55,6 +56,14 @@ def run_item(b: Bench, item: str, sink: Sink) -> dict[str, Any]:
         from bench import web
 
         return web.item1_web(b)
+    if item == "stall":
+        from bench import stall
+
+        return stall.item8_stall(b)
+    if item == "snapshot":
+        from bench import snapshot
+
+        return snapshot.item9_snapshot(b, sink)
     raise ValueError(item)
 
 
@@ -79,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=None, help="JSON results file")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the clean-ups run: relays and workers stopped, bench
+    # databases dropped, item 9's own cluster stopped and deleted.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     size = args.size or "quick"
     sizes = SIZES[size]
     if args.no_peers:

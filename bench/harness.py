@@ -34,7 +34,8 @@ NOTIFY_CHANNEL = "outbox"
 
 @dataclass(frozen=True)
 class Sizes:
-    """How big each scenario is. ``full`` is the published run; ``quick`` fits in 3 minutes;
+    """How big each scenario is. ``full`` is the published run (about 40 minutes); ``quick``
+    runs the same code at small sizes in a few minutes (Celery's throughput left out);
     ``smoke`` only proves the code runs (the test suite)."""
 
     name: str
@@ -59,12 +60,27 @@ class Sizes:
     web_warm_s: float = 1.0  # item 1: back-to-back window (the warm-up, and saturated runs)
     web_saturated: bool = False  # item 1: a back-to-back window per run (else: the warm-up's)
     web_outage_s: float = 0.0  # item 1: the RabbitMQ outage window (0: not measured)
+    # Items 3-4 sweeps: every system tried at each setting of a small grid (one short drain
+    # each, workers started once per setting), then its best setting timed ``runs`` times.
+    sweep_procs: tuple[int, ...] = (1, 2, 4)  # worker / relay processes
+    sweep_wide: bool = True  # the grid's second values (batch, concurrency, pool, prefetch)
+    sweep_target_s: float = 1.0  # each sweep drain is sized to last about this long
+    # Item 8: the 2,000-message drain with hung sends (bench/stall.py), drains per case.
+    stall_rounds: int = 3
+    stall_messages: int = 2000
+    # Item 9: a drain on a cluster of the bench's own while a snapshot is held open.
+    snapshot_base_s: float = 120.0  # rounds without the snapshot (shorter: the time budget)
+    snapshot_hold_s: float = 600.0  # rounds while the snapshot is held
+    snapshot_fill: int = 10_000  # messages per round
 
-    def size_for(self, rate: float, cap: int, floor: int = 200) -> int:
-        """Messages for a timed drain at ``rate``/s (from the warm-up) to last ``target_s``."""
+    def size_for(
+        self, rate: float, cap: int, floor: int = 200, target_s: float | None = None
+    ) -> int:
+        """Messages for a timed drain at ``rate``/s (from the warm-up) to last ``target_s``
+        (the size's own ``target_s`` unless given)."""
         if rate != rate or rate <= 0:  # NaN: the warm-up was too short to tell
             return min(cap, max(floor, self.warm))
-        return int(min(cap, max(floor, rate * self.target_s)))
+        return int(min(cap, max(floor, rate * (target_s or self.target_s))))
 
 
 SIZES = {
@@ -88,6 +104,14 @@ SIZES = {
         charts=False,
         target_s=0.3,
         warm=200,
+        sweep_procs=(1,),
+        sweep_wide=False,
+        sweep_target_s=0.2,
+        stall_rounds=1,
+        stall_messages=400,
+        snapshot_base_s=3.0,
+        snapshot_hold_s=4.0,
+        snapshot_fill=500,
     ),
     "quick": Sizes(
         "quick",
@@ -108,6 +132,12 @@ SIZES = {
         celery_throughput=False,
         web_runs=2,
         web_warm_s=0.5,
+        sweep_procs=(1, 2),
+        sweep_target_s=0.3,
+        stall_rounds=1,
+        snapshot_base_s=20.0,
+        snapshot_hold_s=40.0,
+        snapshot_fill=5_000,
     ),
     "full": Sizes(
         "full",

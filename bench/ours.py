@@ -38,6 +38,7 @@ from bench.harness import (
 from bench.runner import Committed, latency_run, median_runs, open_loop
 from bench.sink import Sink
 from bench.stats import median, rate_10_90, ratio
+from bench.sweep import Setting, sweep
 from outbox import queries
 
 RELAY_CONCURRENCY = 16
@@ -198,8 +199,30 @@ def item3_noop(b: Bench, sink: Sink) -> dict[str, Any]:
             f" -> {row['ratio']:.0%}"
         )
         rows.append(row)
+
+    def measure(setting: Setting, drains: int, target_s: float) -> list[float]:
+        batch = setting["batch"]
+        floor = batch * 20
+        with Relays(
+            url,
+            sink.url,
+            setting["procs"],
+            batch_size=batch,
+            concurrency=RELAY_CONCURRENCY,
+            imports=("bench.noop",),
+            poll_interval=30,
+        ):
+            warm = relay_drain(url, max(s.warm, floor), email=False, sink=None)
+            n = s.size_for(warm, s.queue_total, floor, target_s=target_s)
+            return [relay_drain(url, n, email=False, sink=None) for _ in range(drains)]
+
+    batches = (100, 1000) if s.sweep_wide else (100,)
+    grid = [{"procs": p, "batch": b} for p in s.sweep_procs for b in batches]
+    best = sweep(
+        "outbox no-op", grid, measure, runs=s.runs, sweep_s=s.sweep_target_s, timed_s=s.target_s
+    )
     b.drop_db(url)
-    return {"rows": rows, "procs": s.queue_procs}
+    return {"rows": rows, "procs": s.queue_procs, "sweep": best}
 
 
 # --- item 4: ours with the email job ----------------------------------------------------------
@@ -216,9 +239,28 @@ def item4_email_ours(b: Bench, sink: Sink) -> dict[str, Any]:
                 smtpload.bare(sink, procs=s.queue_procs, conns=RELAY_CONCURRENCY, total=n)
             )
             rates.append(relay_drain(url, n, email=True, sink=sink))
-    b.drop_db(url)
     log(f"item 4: relay email {median(rates):.0f}/s (bare {median(ceiling):.0f}/s)")
-    return {"rate": median(rates), "runs": rates, "ceiling": median(ceiling)}
+
+    def measure(setting: Setting, drains: int, target_s: float) -> list[float]:
+        with Relays(
+            url, sink.url, setting["procs"], concurrency=RELAY_CONCURRENCY, poll_interval=30
+        ):
+            warm = relay_drain(url, s.warm, email=True, sink=sink)
+            n = s.size_for(warm, s.smtp_total, target_s=target_s)
+            return [relay_drain(url, n, email=True, sink=sink) for _ in range(drains)]
+
+    grid = [{"procs": p} for p in s.sweep_procs]
+    best = sweep(
+        "outbox email", grid, measure, runs=s.runs, sweep_s=s.sweep_target_s, timed_s=s.target_s
+    )
+    b.drop_db(url)
+    return {
+        "rate": median(rates),
+        "runs": rates,
+        "ceiling": median(ceiling),
+        "procs": s.queue_procs,
+        "sweep": best,
+    }
 
 
 # --- item 5: commit -> SMTP acceptance ---------------------------------------------------------

@@ -1,7 +1,8 @@
 """The peers' apps and worker entry points: procrastinate, pgqueuer and Celery, each with a
 no-op job and the email job. Run as ``python -m bench.peer_apps KIND [--concurrency N]`` with
-``BENCH_DATABASE_URL`` and ``BENCH_SMTP_URL`` in the environment (a worker of that kind until
-SIGTERM); the harness in ``bench.peers`` starts and stops them.
+``BENCH_DATABASE_URL`` and ``BENCH_SMTP_URL`` (and ``BENCH_MAIL_POOL``, SMTP connections per
+process, 16 unless set) in the environment (a worker of that kind until SIGTERM); the harness in
+``bench.peers`` starts and stops them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from pgqueuer.models import Job
 
 QUEUE = "bench"
+# SMTP connections per worker process of the async peers (the email sweep's "pool").
+MAIL_POOL = int(os.environ.get("BENCH_MAIL_POOL", "16"))
 AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 # --- procrastinate -----------------------------------------------------------------------------
@@ -37,7 +40,7 @@ def procrastinate_app() -> procrastinate.App:
             kwargs={"application_name": "bench-procrastinate"},
         )
     )
-    pool = peer_mail.AsyncMailPool(16)
+    pool = peer_mail.AsyncMailPool(MAIL_POOL)
 
     @app.task(name="noop", queue=QUEUE)  # type: ignore[untyped-decorator]
     async def noop() -> None:
@@ -67,7 +70,7 @@ async def run_pgqueuer(batch_size: int) -> None:
 
     conn = await asyncpg.connect(os.environ["BENCH_DATABASE_URL"])
     pgq = PgQueuer(AsyncpgDriver(conn))
-    pool = peer_mail.AsyncMailPool(16)
+    pool = peer_mail.AsyncMailPool(MAIL_POOL)
 
     @pgq.entrypoint("noop")  # type: ignore[untyped-decorator]
     async def noop(job: Job) -> None:

@@ -2,10 +2,17 @@
 
 Each is driven the same way as the relay: the queue is filled in one go, workers drain it, and
 the rate is taken over the 10-90 % window of completion times (the queue's own completion
-timestamps for no-op jobs, the sink's acceptance times for mail). Workers are separate processes,
-as many as the relay gets. procrastinate and pgqueuer workers keep running across fills (a
-batch insert is one statement, so they wake at its commit, like the relays on NOTIFY); Celery's
-are started after the queue is filled, since publishing is one message at a time.
+timestamps for no-op jobs, the sink's acceptance times for mail). Workers are separate processes.
+procrastinate and pgqueuer workers keep running across fills (a batch insert is one statement,
+so they wake at its commit, like the relays on NOTIFY); Celery's are started after the queue is
+filled, since publishing is one message at a time.
+
+Items 3 and 4 sweep each peer over the settings its documentation names for throughput
+(``grid``; see ``bench.sweep``): worker processes for all; procrastinate's per-worker
+``concurrency`` (its docs: async jobs run concurrently within one worker); pgqueuer's dequeue
+``batch_size`` (its benchmark tool and docs tune workers and batch size); Celery's prefork
+concurrency and prefetch multiplier (its "Optimizing" guide: a large multiplier for many short
+tasks); and for the email job the SMTP connection pool of the async peers.
 """
 
 from __future__ import annotations
@@ -22,10 +29,11 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from bench import smtpload
-from bench.harness import ROOT, Bench, connect, fetch_value, log, stop_processes
+from bench.harness import ROOT, Bench, Sizes, connect, fetch_value, log, stop_processes
 from bench.runner import Committed, latency_run, median_runs, open_loop
 from bench.sink import Sink
-from bench.stats import median, rate_10_90
+from bench.stats import rate_10_90
+from bench.sweep import Setting, sweep
 
 if TYPE_CHECKING:  # in .venv-bench only; mypy skips them (pyproject.toml)
     import asyncpg
@@ -39,16 +47,32 @@ def _mail(i: int, message_id: str | None = None) -> dict[str, str]:
 
 
 class Peer(ABC):
-    """One peer's workers and queue, driven like the relays: fill in one go, time the drain."""
+    """One peer's workers and queue, driven like the relays: fill in one go, time the drain.
+
+    ``setting`` is one point of the peer's sweep (``grid``); keys it leaves out take the
+    peer's ``defaults``."""
 
     name = ""
     persistent = True
+    defaults: Setting = {"procs": 1}
 
-    def __init__(self, url: str, sink: Sink, procs: int) -> None:
-        self.url, self.sink, self.procs = url, sink, procs
+    def __init__(self, url: str, sink: Sink, setting: Setting) -> None:
+        self.url, self.sink = url, sink
+        self.setting = {**self.defaults, **setting}
+        self.procs = self.setting["procs"]
         self.workers: list[subprocess.Popen[bytes]] = []
-        self.env = {**os.environ, "BENCH_DATABASE_URL": url, "BENCH_SMTP_URL": sink.url}
+        self.env = {
+            **os.environ,
+            "BENCH_DATABASE_URL": url,
+            "BENCH_SMTP_URL": sink.url,
+            "BENCH_MAIL_POOL": str(self.setting.get("pool", 16)),
+        }
         self.logf = open(ROOT / "bench" / "results" / f"peer-{self.name}.log", "ab")
+
+    @staticmethod
+    @abstractmethod
+    def grid(s: Sizes, email: bool) -> list[Setting]:
+        """The settings the sweep tries (items 3 and 4)."""
 
     @abstractmethod
     def worker_cmds(self) -> list[list[str]]:
@@ -122,10 +146,22 @@ def _analyze(url: str) -> None:
 
 class Procrastinate(Peer):
     name = "procrastinate"
+    defaults: Setting = {"procs": 1, "concurrency": 16}
+
+    @staticmethod
+    def grid(s: Sizes, email: bool) -> list[Setting]:
+        # One SMTP connection per concurrent job: the pool follows the concurrency.
+        concurrency = (16, 64) if s.sweep_wide else (16,)
+        return [
+            {"procs": p, "concurrency": c, **({"pool": c} if email else {})}
+            for p in s.sweep_procs
+            for c in concurrency
+        ]
 
     def worker_cmds(self) -> list[list[str]]:
+        concurrency = str(self.setting["concurrency"])
         return [
-            [sys.executable, "-m", "bench.peer_apps", "procrastinate", "--concurrency", "16"]
+            [sys.executable, "-m", "bench.peer_apps", "procrastinate", "--concurrency", concurrency]
             for _ in range(self.procs)
         ]
 
@@ -172,10 +208,22 @@ class Procrastinate(Peer):
 
 class PgQueuer(Peer):
     name = "pgqueuer"
+    defaults: Setting = {"procs": 1, "batch": 100}
+
+    @staticmethod
+    def grid(s: Sizes, email: bool) -> list[Setting]:
+        # pgqueuer runs every job it dequeued at once, so its batch size is its concurrency;
+        # for mail, the connection pool is the other bound.
+        if email:
+            pairs = [(10, 16), (100, 16), (100, 64)] if s.sweep_wide else [(100, 16)]
+            return [{"procs": p, "batch": b, "pool": c} for p in s.sweep_procs for b, c in pairs]
+        batches = (10, 100, 1000) if s.sweep_wide else (100,)
+        return [{"procs": p, "batch": b} for p in s.sweep_procs for b in batches]
 
     def worker_cmds(self) -> list[list[str]]:
+        batch = str(self.setting["batch"])
         return [
-            [sys.executable, "-m", "bench.peer_apps", "pgqueuer", "--batch-size", "100"]
+            [sys.executable, "-m", "bench.peer_apps", "pgqueuer", "--batch-size", batch]
             for _ in range(self.procs)
         ]
 
@@ -227,9 +275,19 @@ class PgQueuer(Peer):
 class Celery(Peer):
     name = "celery"
     persistent = False
+    # One child where no sweep says otherwise (item 5 gives every peer one worker process);
+    # 4 messages prefetched per child is Celery's own default.
+    defaults: Setting = {"procs": 1, "prefetch": 4}
 
-    def __init__(self, url: str, sink: Sink, procs: int) -> None:
-        super().__init__(url, sink, procs)
+    @staticmethod
+    def grid(s: Sizes, email: bool) -> list[Setting]:
+        # Prefork children are Celery's processes; one worker node holds them all.
+        children = (2, 4, 8) if s.sweep_wide else (2,)
+        prefetch = (4, 64) if s.sweep_wide else (4,)
+        return [{"procs": c, "prefetch": m} for c in children for m in prefetch]
+
+    def __init__(self, url: str, sink: Sink, setting: Setting) -> None:
+        super().__init__(url, sink, setting)
         self.env["BENCH_CELERY"] = "1"
         os.environ["BENCH_CELERY"] = "1"
         from bench.peer_apps import celery_app
@@ -250,6 +308,8 @@ class Celery(Peer):
                 "--pool=prefork",
                 "-c",
                 str(self.procs),
+                "--prefetch-multiplier",
+                str(self.setting["prefetch"]),
                 "--without-gossip",
                 "--without-mingle",
                 "--without-heartbeat",
@@ -308,6 +368,8 @@ CLASSES: dict[str, type[Peer]] = {
 
 
 def throughput(b: Bench, sink: Sink, *, email: bool) -> dict[str, Any]:
+    """Each peer swept over its ``grid`` (``bench.sweep``): its best setting and rate, and the
+    whole grid."""
     s = b.sizes
     out: dict[str, Any] = {}
     n = s.smtp_total if email else s.queue_total
@@ -315,22 +377,57 @@ def throughput(b: Bench, sink: Sink, *, email: bool) -> dict[str, Any]:
         if name == "celery" and not s.celery_throughput:
             out[name] = {"error": "left out of --quick (worker start-up per drain)"}
             continue
-        m = min(n, 20000) if name == "celery" else n
+        cls = CLASSES[name]
+        cap = min(n, 20000) if name == "celery" else n
         url = b.create_db(f"peer_{name}")
-        peer = CLASSES[name](url, sink, s.queue_procs)
+
+        def measure(
+            setting: Setting,
+            drains: int,
+            target_s: float,
+            cls: type[Peer] = cls,
+            url: str = url,
+            cap: int = cap,
+            seen: list[float] = [],  # noqa: B006 - the rates this peer drained so far
+        ) -> list[float]:
+            peer = cls(url, sink, setting)
+            try:
+                if peer.persistent:
+                    peer.start()
+                # Big batches complete in big steps (pgqueuer logs a batch at once): enough of
+                # them for the 10-90 % window to mean something, as for the relay's batches.
+                floor = min(cap, max(200, 20 * setting.get("batch", 0)))
+                if peer.persistent or not seen:
+                    # A warm-up drain: the workers connect and warm up, and its rate sizes the
+                    # timed drains. Celery's workers start afresh for every drain, so after
+                    # its first setting the last rate seen sizes them instead (a warm-up
+                    # would only add a fill and a start-up per setting).
+                    seen.append(peer.drain(max(s.warm, floor), email))
+                m = s.size_for(seen[-1], cap, floor, target_s=target_s)
+                rates = [peer.drain(m, email) for _ in range(drains)]
+                seen.extend(r for r in rates if r == r)
+                return rates
+            finally:
+                peer.close()
+
         try:
-            peer.setup()
-            if peer.persistent:
-                peer.start()
-            m = s.size_for(peer.drain(s.warm, email), m)  # warm-up, and how many to time
-            runs = [peer.drain(m, email) for _ in range(s.runs)]
-            out[name] = {"rate": median(runs), "runs": runs}
-            log(f"peer {name} {'email' if email else 'no-op'}: {median(runs):.0f}/s")
+            first = cls(url, sink, {})
+            try:
+                first.setup()
+            finally:
+                first.close()
+            out[name] = sweep(
+                f"{name} {'email' if email else 'no-op'}",
+                cls.grid(s, email),
+                measure,
+                runs=s.runs,
+                sweep_s=s.sweep_target_s,
+                timed_s=s.target_s,
+            )
         except Exception as exc:
             log(f"peer {name} failed: {exc!r}")
             out[name] = {"error": f"{type(exc).__name__}: {exc}"}
         finally:
-            peer.close()
             b.drop_db(url)
     return out
 
@@ -401,7 +498,7 @@ def latency(b: Bench, sink: Sink) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in PEERS:
         url = b.create_db(f"lat_{name}")
-        peer = CLASSES[name](url, sink, 1)
+        peer = CLASSES[name](url, sink, {"procs": 1})
         try:
             peer.setup()
             peer.reset()

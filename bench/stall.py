@@ -1,6 +1,7 @@
 """Head-of-line measurement: drain 2,000 messages in-process with some sends that hang.
 
-``python -m bench.stall [--admin-url URL] [--rounds N] [--slow-after S] [--max-slow N]``.
+Item 8 of ``python -m bench`` (``item8_stall``), and on its own ``python -m bench.stall
+[--admin-url URL] [--rounds N] [--slow-after S] [--max-slow N]``.
 Each case drains 2,000 messages with ``Relay.drain()`` (batch 100, concurrency 16, send timeout
 2 s) on a database of its own. Handlers sleep 5 ms; a "hung" one sleeps until the relay's send
 timeout cuts it off. Slot utilisation is handler time (useful and hung) divided by wall time
@@ -26,7 +27,8 @@ from typing import Any
 import psycopg
 from sqlalchemy.engine import make_url
 
-from bench.harness import libpq_url
+from bench.harness import Bench, libpq_url, log
+from bench.stats import median
 from outbox import HandlerRegistry, OutboxMessage, Relay, RelayConfig
 from outbox.db import create_engine
 from outbox.migrate import upgrade_url
@@ -97,6 +99,51 @@ def _describe(slow: dict[str, Any]) -> str:
     return "".join(f", {key}={value:g}" for key, value in slow.items())
 
 
+CASES: tuple[tuple[str, int | None], ...] = (("none", None), ("1 per 400", 400), ("1 per 100", 100))
+
+
+def item8_stall(b: Bench) -> dict[str, Any]:
+    """The drain for each case, rounds interleaved case by case so all see the same noise; the
+    goal (issue 10): 1 hung per 100 within 1.5x the no-hang drain plus one send timeout."""
+    s = b.sizes
+    runs: dict[str, list[dict[str, float]]] = {label: [] for label, _ in CASES}
+    for _ in range(s.stall_rounds):
+        for label, every in CASES:
+            name = fresh_database(b.admin_url, s.stall_messages)
+            try:
+                url = make_url(b.admin_url).set(drivername="postgresql+psycopg", database=name)
+                took, sent, retried, used = asyncio.run(
+                    drain_once(url.render_as_string(hide_password=False), every)
+                )
+            finally:
+                drop_database(b.admin_url, name)
+            runs[label].append(
+                {"seconds": took, "sent": sent, "retrying": retried, "utilisation": used}
+            )
+            log(f"item 8: hung {label}: {took:.2f} s, sent {sent}, retrying {retried}")
+    cases: dict[str, dict[str, Any]] = {
+        label: {
+            "seconds": median([r["seconds"] for r in rs]),
+            "sent": median([r["sent"] for r in rs]),
+            "retrying": median([r["retrying"] for r in rs]),
+            "utilisation": median([r["utilisation"] for r in rs]),
+            "runs": rs,
+        }
+        for label, rs in runs.items()
+    }
+    bound = 1.5 * float(cases["none"]["seconds"]) + SEND_TIMEOUT
+    return {
+        "messages": s.stall_messages,
+        "batch": BATCH,
+        "concurrency": CONCURRENCY,
+        "send_timeout": SEND_TIMEOUT,
+        "handler_ms": HANDLER_S * 1000,
+        "cases": cases,
+        "bound_s": bound,
+        "held": float(cases["1 per 100"]["seconds"]) <= bound,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -115,8 +162,7 @@ def main() -> None:
         slow["slow_after"] = args.slow_after
     if args.max_slow is not None:
         slow["max_slow"] = args.max_slow
-    cases = (("none", None), ("1 per 400", 400), ("1 per 100", 100))
-    for label, every in cases[:1] if args.only_none else cases:
+    for label, every in CASES[:1] if args.only_none else CASES:
         for _ in range(args.rounds):
             name = fresh_database(args.admin_url, args.messages)
             try:

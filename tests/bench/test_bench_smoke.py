@@ -2,15 +2,20 @@
 
 Not a benchmark: nothing here is timed or compared. It runs this project's own scenarios (the
 signup endpoint against the seed's inline-mail version and the no-mail floor, SMTP throughput
-against the bare client, the no-op queue against the SQL ceiling, the email job, end-to-end
-latency, scale, NOTIFY cost) against real PostgreSQL, relay processes and the bench's SMTP sink,
-and renders the page without charts. The peers (procrastinate, pgqueuer, Celery) and matplotlib
-live only in the bench's own environment (.venv-bench) and are left out here.
+against the bare client, the no-op queue against the SQL ceiling and the sweep of our settings,
+the email job, end-to-end latency, scale, NOTIFY cost, the drain with hung sends, the drain
+while a snapshot is held on a cluster the bench starts itself) against real PostgreSQL, relay
+processes and the bench's SMTP sink, and renders the page without charts. The peers
+(procrastinate, pgqueuer, Celery) and matplotlib live only in the bench's own environment
+(.venv-bench) and are left out here.
 """
 
 from __future__ import annotations
 
+import glob
 import math
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -47,6 +52,7 @@ def test_sink_counts_and_records_message_ids() -> None:
 
 
 def test_smoke_run_writes_the_page(pg_admin_url: str, tmp_path: Path) -> None:
+    clusters_before = set(glob.glob(os.path.join(tempfile.gettempdir(), "outbox-bench-pg-*")))
     data = run(pg_admin_url, SIZES["smoke"], ITEMS, tmp_path / "results.json")
     errors = {k: v["error"] for k, v in data["items"].items() if "error" in v}
     assert not errors
@@ -62,6 +68,28 @@ def test_smoke_run_writes_the_page(pg_admin_url: str, tmp_path: Path) -> None:
     assert set(web) == {"outbox", "inline", "nomail"}
     assert all(v["requests"] > 0 and v["errors"] == 0 for v in web.values())
     assert web["inline"]["p50"] >= 1000  # the handler waited for the 1 s mail server
+    sweep = items["noop"]["sweep"]  # our own settings swept, the best one timed
+    assert sweep["rate"] > 0 and sweep["setting"] in [p["setting"] for p in sweep["grid"]]
+    assert items["email"]["sweep"]["rate"] > 0
+
+    stall = items["stall"]  # 400 messages: none hung, 1 hung, 4 hung
+    n = stall["messages"]
+    assert stall["cases"]["none"]["sent"] == n
+    assert stall["cases"]["1 per 400"]["retrying"] == n // 400
+    assert stall["cases"]["1 per 100"]["retrying"] == n // 100
+    assert stall["cases"]["1 per 100"]["sent"] == n - n // 100
+    # Every hung send was cut off by the send timeout, so the drain took at least that long.
+    assert stall["cases"]["1 per 100"]["seconds"] >= stall["send_timeout"]
+
+    snap = items["snapshot"]
+    assert snap["cluster"]["autovacuum"] == "on"  # production settings, not the test server's
+    assert snap["snapshot"]["state"] == "idle in transaction"
+    assert snap["snapshot"]["xmin_age"] > 0  # the snapshot held the horizon back
+    assert snap["held"]["dead_end"] >= snap["fill"]  # at least a round's purge stayed dead
+    assert snap["without"]["median"] > 0 and snap["held"]["median"] > 0
+    # The cluster is stopped and its folder deleted.
+    after = set(glob.glob(os.path.join(tempfile.gettempdir(), "outbox-bench-pg-*")))
+    assert after <= clusters_before
 
     page = report.write(data, tmp_path / "docs", charts=False)
     text = page.read_text()
@@ -73,6 +101,8 @@ def test_smoke_run_writes_the_page(pg_admin_url: str, tmp_path: Path) -> None:
         "## 5.",
         "## 6.",
         "## 7.",
+        "## 8.",
+        "## 9.",
         "## Closing note",
     ):
         assert heading in text
