@@ -3,7 +3,8 @@
 A ratio against a peer run at one arbitrary setting says little (a sweep from outside got
 pgqueuer to about 2x what its default-ish setting showed), so items 3 and 4 sweep ours and every
 peer the same way: one short drain per setting (workers started once for it, after a warm-up
-drain that also sizes the timed one), then the best setting's median of the usual repeats. The
+drain that also sizes the timed one), then the usual repeats at the two best settings, keeping
+the better median. The
 grid, with each setting's rate or error, goes into the results; the page shows the best.
 """
 
@@ -27,12 +28,24 @@ def label(setting: Setting) -> str:
 
 
 def sweep(
-    name: str, grid: list[Setting], measure: Measure, *, runs: int, sweep_s: float, timed_s: float
+    name: str,
+    grid: list[Setting],
+    measure: Measure,
+    *,
+    runs: int,
+    sweep_s: float,
+    timed_s: float,
+    finalists: int = 2,
 ) -> dict[str, Any]:
-    """One short drain per setting of ``grid``, then ``runs`` drains at the best one.
+    """One short drain per setting of ``grid``, then ``runs`` drains at each of the ``finalists``
+    fastest; the system's figure is the better of their medians.
 
-    A setting that fails is recorded with its error and left out of the choice; when every
-    setting fails the result is an error, as a failed item is."""
+    Why more than one finalist: one short drain per setting on a shared 2-core machine picks a
+    lucky setting as often as the best one (measured: a setting's short drain came out 20 % above
+    its own timed median, another's 10 % below), and timing two puts every system, ours and the
+    peers alike, at the setting that holds up over the usual repeats. A setting that fails is
+    recorded with its error and left out of the choice; when every setting fails the result is an
+    error, as a failed item is."""
     points: list[dict[str, Any]] = []
     for setting in grid:
         try:
@@ -46,13 +59,18 @@ def sweep(
     good = [p for p in points if "rate" in p and p["rate"] == p["rate"]]
     if not good:
         return {"error": "every setting of the sweep failed", "grid": points}
-    best = max(good, key=lambda p: float(p["rate"]))
-    rates = measure(best["setting"], runs, timed_s)
-    log(f"sweep {name} best {label(best['setting'])}: {median(rates):,.0f}/s")
+    timed: list[dict[str, Any]] = []
+    for point in sorted(good, key=lambda p: -float(p["rate"]))[:finalists]:
+        rates = measure(point["setting"], runs, timed_s)
+        log(f"sweep {name} timed {label(point['setting'])}: {median(rates):,.0f}/s")
+        timed.append({**point, "runs": rates, "median": median(rates)})
+    best = max(timed, key=lambda t: float(t["median"]))
+    log(f"sweep {name} best {label(best['setting'])}: {best['median']:,.0f}/s")
     return {
-        "rate": median(rates),
-        "runs": rates,
+        "rate": best["median"],
+        "runs": best["runs"],
         "setting": best["setting"],
         "sweep_rate": best["rate"],
+        "finalists": [{k: t[k] for k in ("setting", "median", "runs")} for t in timed],
         "grid": points,
     }

@@ -17,22 +17,33 @@ from bench import report
 from bench.sweep import Setting, sweep
 
 
-def test_sweep_drains_each_setting_once_then_times_the_best() -> None:
+def test_sweep_drains_each_setting_once_then_times_the_two_best() -> None:
     calls: list[tuple[Setting, int]] = []
-    speeds = {1: 100.0, 2: 300.0, 4: 200.0}
+    short = {1: 100.0, 2: 300.0, 4: 200.0, 8: 250.0}  # one short drain each
+    timed = {2: 240.0, 8: 260.0}  # the repeats: the lucky short drain (2) does not hold up
 
     def measure(setting: Setting, drains: int, target_s: float) -> list[float]:
         calls.append((setting, drains))
         if setting["procs"] == 4:
             raise TimeoutError("workers never drained")
-        return [speeds[setting["procs"]] + k for k in range(drains)]
+        if drains == 1:
+            return [short[setting["procs"]]]
+        return [timed[setting["procs"]] + k for k in range(drains)]
 
-    grid = [{"procs": 1}, {"procs": 2}, {"procs": 4}]
+    grid = [{"procs": 1}, {"procs": 2}, {"procs": 4}, {"procs": 8}]
     out = sweep("x", grid, measure, runs=3, sweep_s=0.1, timed_s=1.0)
-    assert calls == [({"procs": 1}, 1), ({"procs": 2}, 1), ({"procs": 4}, 1), ({"procs": 2}, 3)]
-    assert out["setting"] == {"procs": 2}
-    assert out["rate"] == 301.0  # the median of the best setting's timed drains
-    assert out["runs"] == [300.0, 301.0, 302.0]
+    assert calls == [
+        ({"procs": 1}, 1),
+        ({"procs": 2}, 1),
+        ({"procs": 4}, 1),
+        ({"procs": 8}, 1),
+        ({"procs": 2}, 3),
+        ({"procs": 8}, 3),
+    ]
+    assert out["setting"] == {"procs": 8}  # the better timed median, not the best short drain
+    assert out["rate"] == 261.0
+    assert out["runs"] == [260.0, 261.0, 262.0]
+    assert [f["setting"] for f in out["finalists"]] == [{"procs": 2}, {"procs": 8}]
     assert "TimeoutError" in out["grid"][2]["error"]
 
 
