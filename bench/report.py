@@ -776,15 +776,21 @@ NOTE = """What bounds each figure:
   bench/results/full.json).
 - **NOTIFY (item 7)**: PostgreSQL serialises commits that queue a notification (one global lock
   on the notification queue at commit), which shows at many concurrent writers.
-- **Stall (item 8)**: a hung send holds one of the concurrency slots until the send timeout cuts
-  it off; 'slot use' shows how much of the rest kept working meanwhile. The drains run in one
-  process with 5 ms handlers, so the figures are about the shape (what hung sends cost a
-  drain), not the relay's top speed.
+- **Stall (item 8)**: a send that runs past `--slow-after` (an eighth of the send timeout:
+  0.25 s here) is parked: it runs on until the timeout cuts it off, and a new worker takes its
+  slot, up to `--max-slow` (16) parked at once. What a hung send still costs the drain is its
+  quarter second before it is parked, and the last hung send's whole timeout (it starts about
+  a second in). The drains run in one process with 5 ms handlers, so the figures are about the
+  shape (what hung sends cost a drain), not the relay's top speed.
 - **Snapshot (item 9)**: while the snapshot is held no row version deleted or updated after it
   can be removed, by autovacuum or anyone, so each round adds its claims', settles' and purge's
   dead versions to the table and its indexes (the 'dead rows' column), and later rounds' claims
-  and settles work among them. The held phase lasts as long as the run's size says (10 minutes
-  in --full); a snapshot held for hours would leave correspondingly more.
+  and settles work among them. Index entries of such rows cannot be marked dead by the scans
+  that pass them either, so every claim from the head of `ix_outbox_due` (each round's first,
+  and the full claim a relay makes at least once a second; see `outbox/claim.py`) steps over
+  all of them, and so does the bench's own 'nothing due' poll: that is the round time's growth.
+  The held phase lasts as long as the run's size says (10 minutes in --full); a snapshot
+  held for hours would leave correspondingly more.
 
 What was ours to fix, found by profiling this suite and applied in `outbox/` (the figures on
 this page are measured after the changes):
