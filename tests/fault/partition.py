@@ -146,10 +146,12 @@ class Namespace:
 
 
 class TcpForwarder:
-    """Accept on ``(host, port)`` and relay each connection to ``target``, on an event loop of
-    its own in a thread. A connection's two halves close together, as soon as one side ends."""
+    """Accept on ``(host, port)`` and relay each connection to ``target`` (a TCP address, or the
+    path of a Unix socket: the embedded PostgreSQL of ``make test`` listens on one), on an event
+    loop of its own in a thread. A connection's two halves close together, as soon as one side
+    ends."""
 
-    def __init__(self, host: str, target: tuple[str, int]) -> None:
+    def __init__(self, host: str, target: tuple[str, int] | str) -> None:
         self._target = target
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -165,7 +167,10 @@ class TcpForwarder:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self._target)
+            if isinstance(self._target, str):
+                up_reader, up_writer = await asyncio.open_unix_connection(self._target)
+            else:
+                up_reader, up_writer = await asyncio.open_connection(*self._target)
         except OSError:
             writer.close()
             return

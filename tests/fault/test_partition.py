@@ -62,7 +62,13 @@ def namespace() -> Iterator[Namespace]:
 def pg_forwarder(namespace: Namespace, db_url: str) -> Iterator[TcpForwarder]:
     """PostgreSQL, reachable from inside the namespace at the host end of the veth pair."""
     url = make_url(db_url)
-    forwarder = TcpForwarder(namespace.host_ip, (url.host or "127.0.0.1", url.port or 5432))
+    socket_dir = url.query.get("host")  # the embedded server: a Unix socket in its data folder
+    target: tuple[str, int] | str = (
+        f"{socket_dir}/.s.PGSQL.{url.port or 5432}"
+        if isinstance(socket_dir, str) and socket_dir.startswith("/")
+        else (url.host or "127.0.0.1", url.port or 5432)
+    )
+    forwarder = TcpForwarder(namespace.host_ip, target)
     try:
         yield forwarder
     finally:
@@ -98,6 +104,7 @@ def test_a_partitioned_relays_messages_are_taken_over_and_it_carries_on_after_th
     env = {"OUTBOX_TEST_LEDGER": str(ledger)}
     inside_url = (
         make_url(db_url)
+        .difference_update_query(["host"])  # a socket folder would win over the forwarder
         .set(host=pg_forwarder.host, port=pg_forwarder.port)
         .render_as_string(hide_password=False)
     )
