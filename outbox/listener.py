@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -25,37 +25,11 @@ from tenacity import (
 )
 from tenacity.wait import wait_base
 
+from outbox.db import connection_defaults
 from outbox.reconnect import DATABASE_BASE_S
 from outbox.schema import NOTIFY_CHANNEL
 
 logger = logging.getLogger(__name__)
-
-# How every outbox connection notices a network that drops its packets (a host that died, a
-# cable cut, a partition), with libpq's own settings:
-# - keepalives: an idle connection whose peer vanished is dropped within about idle + interval *
-#   count = 25 s instead of the kernel default of hours;
-# - tcp_user_timeout: so is one with a request in flight. Keepalives are not sent while data
-#   waits to be acknowledged; TCP then retransmits with a doubling delay for about 15 minutes
-#   (tcp_retries2), and a query sent during a partition is only answered at the first
-#   retransmission after the network comes back: measured, a relay cut off for 60 s claimed
-#   nothing for 49 s more (tests/fault/test_partition.py). Dropped at 25 s, the relay reconnects
-#   instead, and a fresh connection gets through as soon as the network is back;
-# - connect_timeout: a connection attempt into the void gives up after 10 s and is tried again,
-#   instead of waiting out the kernel's SYN retries (psycopg's default: 130 s).
-KEEPALIVE_ARGS: dict[str, Any] = {
-    "keepalives": 1,
-    "keepalives_idle": 10,
-    "keepalives_interval": 5,
-    "keepalives_count": 3,
-    "tcp_user_timeout": 25_000,  # milliseconds
-    "connect_timeout": 10,  # seconds
-}
-
-
-def connection_defaults(given: Iterable[str]) -> dict[str, Any]:
-    """``KEEPALIVE_ARGS`` less the settings a database URL already names: the user's choice wins
-    (keyword arguments to psycopg's connect override the URL's own parameters)."""
-    return {k: v for k, v in KEEPALIVE_ARGS.items() if k not in given}
 
 
 class Listener:

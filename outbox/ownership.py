@@ -22,7 +22,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from outbox import queries
-from outbox.listener import connection_defaults
+from outbox.db import connection_defaults
 
 
 def lock_key(owner: uuid.UUID) -> int:

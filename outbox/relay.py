@@ -528,7 +528,7 @@ class Relay:
         now = due_before or self._now()
 
         async def claim() -> list[Claimed]:
-            async with self._transaction("claim") as conn:
+            async with self._connection("claim") as conn:
                 with self.metrics.claim_seconds.time():
                     rows: list[Claimed] = await self._cursor.claim(
                         conn,
@@ -560,7 +560,7 @@ class Relay:
 
             async def claim() -> Claimed | None:
                 now = self._now()  # rescued rows became due after a drain's "now"
-                async with self._transaction("claim") as conn:
+                async with self._connection("claim") as conn:
                     return await queries.claim_abandoned(
                         conn,
                         now=now,
@@ -756,7 +756,7 @@ class Relay:
 
     async def _settle(self, group: Sequence[_Done]) -> None:
         columns = _settle_columns(group)
-        async with self._transaction("settle") as conn:
+        async with self._connection("settle") as conn:
             written = await queries.settle_many(conn, now=self._now(), **columns)
         self._report(group, written)
 
@@ -810,7 +810,7 @@ class Relay:
             if not jobs:
                 continue
             try:
-                async with self._transaction() as conn:
+                async with self._connection() as conn:
                     await queries.heartbeat(
                         conn,
                         ids=[j.claimed.message.id for j in jobs],
@@ -862,7 +862,7 @@ class Relay:
         producer told when abandoned rows wait. Raises if the lock session itself is lost."""
         mine = {session.owner} | {job.owner for job in self._held.values()}
         try:
-            async with self._transaction() as conn:
+            async with self._connection() as conn:
                 owners = await queries.owners_in_flight(conn)
         except Exception as exc:
             if not is_infrastructure_error(exc):
@@ -874,7 +874,7 @@ class Relay:
             return
         held = list(self._held)
         try:
-            async with self._transaction() as conn:
+            async with self._connection() as conn:
                 rescued, buried = await queries.rescue_abandoned(
                     conn,
                     dead=dead,
@@ -910,7 +910,7 @@ class Relay:
     # --- the database ------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _transaction(self, role: str = "misc") -> AsyncIterator[AsyncConnection]:
+    async def _connection(self, role: str = "misc") -> AsyncIterator[AsyncConnection]:
         """A connection kept for ``role``, in autocommit (``_connect``): each statement run on it
         is a short transaction of its own.
 

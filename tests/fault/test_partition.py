@@ -38,7 +38,7 @@ LEASE = 6.0
 JOBS = 8
 JOB_SECONDS = 3.0  # the handlers finish, and try to settle, while the link is cut
 # The link stays cut this long: past the lease (the takeover), and past the 25 s after which the
-# relay gives up on a connection with a request in flight (outbox.listener.KEEPALIVE_ARGS).
+# relay gives up on a connection with a request in flight (outbox.db.CONNECTION_DEFAULTS).
 CUT_SECONDS = env_int("OUTBOX_FAULT_PARTITION_SECONDS", 30)
 # Back within this long of the heal (measured: about 1 s; a connection attempt in flight when
 # the network comes back may take a few seconds more). Without tcp_user_timeout: 8.6-24 s.
